@@ -1,0 +1,242 @@
+"""convert(model): every standard convolution becomes a depthwise + pointwise pair.
+
+Module convolutions are swapped in the module tree, so the model keeps its class,
+its methods and a predictable state_dict (`layer.conv.depthwise.weight`); shared
+modules stay shared. Functional convolutions (`F.conv2d(x, self.weight)`) exist only
+in the graph, so the smallest module calling them becomes an fx GraphModule that
+calls a pair instead (see trace.py, which also copes with untraceable models).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .version import __version__
+from .count import saves_macs, break_even_rank, kernel_elements
+from .errors import ConvsepTypeError, ConvsepValueError
+from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
+from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
+from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
+from .ranks import RankSpec, resolve_rank, validate_rank
+from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
+from .trace import FunctionalConv, discover, parameter, rewrite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One convolution that passed selection, with what is needed to decide its rank."""
+
+    decision: LayerDecision
+    conv: _ConvNd  # the module itself, or a stand-in sharing a functional conv's parameters
+    svd: Optional[ChannelSVD]
+
+
+def convert(
+    model: nn.Module,
+    rank: RankSpec = 1,
+    *,
+    init: str = "svd",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
+
+    rank: an int (depthwise filters per input channel, capped at each layer's full rank),
+        "full" (exact), or a float in (0, 1) (the smallest rank keeping that share of each
+        kernel's spectral energy). A numeric rank that would not save MACs leaves the layer as it is.
+    init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
+    include / exclude: glob patterns on qualified names, or a callable (name, module) -> bool.
+    inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
+
+    Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
+    The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    rank = validate_rank(rank)
+    if init not in INITS:
+        raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
+    selection = LayerFilter(include, exclude)
+    work = model if inplace else copy.deepcopy(model)
+
+    found = discover(work)
+    candidates, decisions = [], []
+    weights_used_functionally = {
+        id(p) for site in found.functional if (p := parameter(work.get_submodule(site.owner), site.weight_target)) is not None
+    }
+
+    for site in found.functional:
+        decision, candidate = _consider_functional(work, site, selection, rank, init)
+        decisions.append(decision)
+        if candidate:
+            candidates.append((site, candidate))
+
+    for name, module in _conv_modules(work):
+        decision, candidate = _consider_module(name, module, selection, rank, init, weights_used_functionally)
+        decisions.append(decision)
+        if candidate:
+            candidates.append((None, candidate))
+    selection.warn_unmatched()
+
+    work = _apply(work, candidates, found)
+    previous = plan_of(model)
+    plan = ConversionPlan(
+        rank=rank,
+        init=init,
+        path=_path_taken(found),
+        untraceable=dict(found.untraceable),
+        layers=(previous.converted if previous else []) + decisions,
+        version=__version__,
+    )
+    setattr(work, PLAN_ATTRIBUTE, plan)
+    log.info("%s", plan.summary())
+    return work
+
+
+def _path_taken(found) -> str:
+    """"fx": traced whole; "fx+module-tree": traced in parts; "module-tree": fx traced nothing."""
+    if "" in found.traced and not found.untraceable:
+        return "fx"
+    return "fx+module-tree" if found.traced else "module-tree"
+
+
+def _conv_modules(root: nn.Module):
+    """(name, conv) for every convolution in the tree, once each, not looking inside our own pairs."""
+    pairs: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(p + ".") for p in pairs):
+            continue
+        if isinstance(module, _SeparableConvNd):
+            pairs.append(name)
+        elif is_candidate(module):
+            yield name, module
+
+
+def _describe(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
+    return LayerDecision(
+        name=name,
+        kind=kind,
+        converted=False,
+        module=name,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+
+
+def _consider_module(name, module, selection, rank, init, weights_used_functionally):
+    explicit_reason, explicit = selection.why_not(name, module)
+    decision = _describe(name, type(module).__name__, module)
+    reason = explicit_reason or layer_why_not(module, explicit)
+    if reason is None and id(module.weight) in weights_used_functionally:
+        reason = "its weight is also used by a functional conv elsewhere"
+    return _decide(decision, module, reason, rank, init)
+
+
+def _consider_functional(root, site: FunctionalConv, selection, rank, init):
+    owner = root.get_submodule(site.owner)
+    weight = parameter(owner, site.weight_target)
+    bias = parameter(owner, site.bias_target)
+    name = _qualified(site.owner, site.weight_target or site.node.name)
+    kind = f"F.conv{site.dims}d"
+    constants = {k: v for k, v in site.args.items() if k not in ("input", "weight", "bias")}
+    dynamic = [k for k, v in constants.items() if isinstance(v, torch.fx.Node)]
+    if weight is None or dynamic or (site.args.get("bias") is not None and bias is None):
+        why = "weight is computed in forward, not a parameter" if weight is None else (
+            f"{', '.join(dynamic)} computed in forward" if dynamic else "bias is computed in forward, not a parameter"
+        )
+        return LayerDecision(name=name, kind=kind, converted=False, reason=why, module=name), None
+    conv = _stand_in(site.dims, weight, bias, constants)
+    decision = _describe(name, kind, conv)
+    decision.module = _qualified(site.owner, site.weight_target + "_separable")
+    explicit_reason, _ = selection.why_not(name, conv)
+    if isinstance(owner.get_submodule(site.weight_target.rpartition(".")[0]), _ConvNd):
+        explicit_reason = explicit_reason or "its weight belongs to a conv module, which is considered on its own"
+    reason = explicit_reason or conv_why_not(conv.in_channels, conv.kernel_size, conv.groups)
+    return _decide(decision, conv, reason, rank, init)
+
+
+def _stand_in(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], constants: dict) -> _ConvNd:
+    """A conv module that computes what the functional call computes, sharing its parameters."""
+    groups = constants.get("groups", 1)
+    conv = STANDARD_CONVS[dims - 1](
+        weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+        stride=constants.get("stride", 1), padding=constants.get("padding", 0),
+        dilation=constants.get("dilation", 1), groups=groups, bias=bias is not None, device="meta",
+    )  # fmt: skip
+    conv.weight = weight
+    if bias is not None:
+        conv.bias = bias
+    return conv
+
+
+def _decide(decision, conv, reason, rank, init):
+    if reason:
+        decision.reason = reason
+        return decision, None
+    groups = conv.groups
+    decision.full_rank = full_rank(conv.weight.shape, groups)
+    svd = channel_svd(conv.weight, groups) if init == "svd" or isinstance(rank, float) else None
+    r = resolve_rank(rank, svd.S) if svd is not None else resolve_rank(rank, torch.empty(0, decision.full_rank))
+    k = kernel_elements(conv.kernel_size)
+    if rank != "full" and not saves_macs(conv.out_channels, conv.in_channels, k, groups, r):
+        decision.reason = (
+            f"rank {r} would not save MACs here (the pair saves only below rank "
+            f"{break_even_rank(conv.out_channels, conv.in_channels, k, groups):.2f}); use rank='full' to convert anyway"
+        )
+        return decision, None
+    decision.converted = True
+    decision.rank = r
+    if init == "svd":
+        decision.relative_error = discarded_energy_fraction(svd.S, r) ** 0.5
+    return decision, Candidate(decision, conv, svd if init == "svd" else None)
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _apply(root: nn.Module, candidates, found) -> nn.Module:
+    """Build every pair, rewrite graphs for functional convs, then swap module convs in the tree."""
+    swaps: dict[int, nn.Module] = {}
+    by_owner: dict[str, dict] = {}
+    for site, candidate in candidates:
+        conv, decision = candidate.conv, candidate.decision
+        pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, decision.rank, candidate.svd)
+        if site is None:
+            swaps[id(conv)] = pair
+        else:
+            by_owner.setdefault(site.owner, {})[site.node] = (site.weight_target + "_separable", pair)
+    for owner, replacements in by_owner.items():
+        module = root.get_submodule(owner)
+        gm = rewrite(module, found.graphs[owner], replacements)
+        if owner == "":
+            root = gm
+        else:
+            swaps[id(module)] = gm
+    return _swap(root, swaps)
+
+
+def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:
+    """Replace modules by identity wherever they are referenced, so shared modules stay shared."""
+    if not swaps:
+        return root
+    if id(root) in swaps:
+        return swaps[id(root)]
+    for parent in root.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None and id(child) in swaps:
+                parent._modules[child_name] = swaps[id(child)]
+    return root

@@ -1,0 +1,29 @@
+"""The exceptions convsep raises on bad input.
+
+One base class, so callers can catch everything of ours at once, and subclasses
+that also derive from the matching built-in, so `except ValueError` keeps working.
+"""
+
+
+class ConvsepError(Exception):
+    """Base class of every error convsep raises on purpose."""
+
+
+class ConvsepValueError(ConvsepError, ValueError):
+    """A value is of the right type but not usable (a rank of 0, an unknown init, ...)."""
+
+
+class ConvsepTypeError(ConvsepError, TypeError):
+    """A value is of the wrong type (a model that is not an nn.Module, ...)."""
+
+
+class CheckpointError(ConvsepError, ValueError):
+    """A file exists but is not a checkpoint convsep can use."""
+
+
+class CheckpointNotFoundError(ConvsepError, FileNotFoundError):
+    """A checkpoint path does not exist or is not a file."""
+
+
+class InputShapeError(ConvsepError, ValueError):
+    """Example inputs do not fit the model."""

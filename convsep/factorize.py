@@ -1,0 +1,104 @@
+"""Closed-form factorisation of a convolution kernel into depthwise + pointwise weights.
+
+Pure tensor maths, no nn.Module. A kernel W of shape (N, M/g, *k) is cut into one
+(N/g, K) matrix per input channel c: the weights with which c reaches the outputs
+of its group. The truncated SVD of that matrix, A_c = U S V^T, gives the depthwise
+filters sqrt(s_j) v_j and the pointwise weights sqrt(s_j) u_j for j < rank, which is
+exact at rank min(N/g, K) and optimal (Eckart-Young) below it. All channels of a
+layer go through one batched SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class ChannelSVD(NamedTuple):
+    """Thin SVD of every channel matrix of a kernel, in the compute dtype."""
+
+    U: Tensor  # (M, N/g, q)
+    S: Tensor  # (M, q), descending
+    Vh: Tensor  # (M, q, K)
+
+
+class SeparableFactors(NamedTuple):
+    depthwise: Tensor  # (M*r, 1, *k): depthwise conv weight, groups=M
+    pointwise: Tensor  # (N, M*r/g, 1, ...): pointwise conv weight, groups=g
+    rank: int
+    relative_error: float  # ||W - W_r||_F / ||W||_F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision SVDs are neither supported nor accurate; float64 stays float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def full_rank(weight_shape: tuple[int, ...] | torch.Size, groups: int) -> int:
+    """The rank at which the factorisation is exact: min(N/g, K)."""
+    out_per_group = weight_shape[0] // groups
+    return min(out_per_group, math.prod(weight_shape[2:]))
+
+
+def channel_matrices(weight: Tensor, groups: int) -> Tensor:
+    """(N, M/g, *k) -> (M, N/g, K): row c holds how input channel c reaches its group's outputs."""
+    n, m_g = weight.shape[:2]
+    k = math.prod(weight.shape[2:])
+    per_group = weight.reshape(groups, n // groups, m_g, k)
+    return per_group.transpose(1, 2).reshape(groups * m_g, n // groups, k)
+
+
+def channel_svd(weight: Tensor, groups: int) -> ChannelSVD:
+    matrices = channel_matrices(weight.detach(), groups).to(compute_dtype(weight.dtype))
+    U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
+    return ChannelSVD(U, S, Vh)
+
+
+def discarded_energy_fraction(S: Tensor, rank: int) -> float:
+    """Share of the kernel's squared Frobenius norm lost by keeping `rank` values per channel."""
+    energy = S.square()
+    total = energy.sum()
+    if total == 0:
+        return 0.0
+    return float(energy[:, rank:].sum() / total)
+
+
+def factors_from_svd(
+    svd: ChannelSVD, rank: int, weight_shape: tuple[int, ...] | torch.Size, groups: int, dtype: torch.dtype
+) -> SeparableFactors:
+    """Keep the top `rank` singular triplets of every channel and split sqrt(s) between the two sides."""
+    n, m_g, *kernel = weight_shape
+    m = m_g * groups
+    rank = min(rank, svd.S.shape[1])
+    root_s = svd.S[:, :rank].sqrt()
+    depthwise = (root_s.unsqueeze(-1) * svd.Vh[:, :rank]).reshape(m * rank, 1, *kernel)
+    # Pointwise column c*r + j feeds output n of c's group: regroup (M, N/g, r) as (N, M/g * r).
+    pointwise = (svd.U[:, :, :rank] * root_s.unsqueeze(1)).reshape(groups, m_g, n // groups, rank)
+    pointwise = pointwise.transpose(1, 2).reshape(n, m_g * rank, *([1] * len(kernel)))
+    error = math.sqrt(discarded_energy_fraction(svd.S, rank))
+    return SeparableFactors(depthwise.to(dtype), pointwise.to(dtype), rank, error)
+
+
+def factorize(weight: Tensor, groups: int, rank: int) -> SeparableFactors:
+    """Rank-`rank` depthwise + pointwise factors of a conv kernel (exact at `full_rank`)."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return factors_from_svd(channel_svd(weight, groups), rank, weight.shape, groups, weight.dtype)
+
+
+def compose(depthwise: Tensor, pointwise: Tensor, groups: int, rank: int) -> Tensor:
+    """The dense kernel a depthwise + pointwise pair computes: the inverse of `factorize`.
+
+    Used to measure how far a pair is from the original kernel, whatever set its weights
+    (SVD, calibration or training). `rank` is the depth multiplier: the shapes alone
+    cannot tell M from r, since both weights only know their product M*r.
+    """
+    n = pointwise.shape[0]
+    kernel = depthwise.shape[2:]
+    m_g = depthwise.shape[0] // (rank * groups)
+    d = depthwise.reshape(groups, m_g, rank, math.prod(kernel))
+    p = pointwise.reshape(groups, n // groups, m_g, rank)
+    return torch.einsum("gnmr,gmrk->gnmk", p, d).reshape(n, m_g, *kernel)

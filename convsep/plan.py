@@ -1,0 +1,86 @@
+"""The conversion plan: what convert decided for every convolution it considered, and why.
+
+The plan travels with the converted model (as `model.convsep_plan`) and with its
+checkpoints (as JSON), so that a report can show skipped layers with their reasons
+and a checkpoint can rebuild the converted architecture from the original one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+PLAN_ATTRIBUTE = "convsep_plan"
+
+
+@dataclass
+class LayerDecision:
+    name: str  # qualified name in the original model (for a functional conv: its weight's name)
+    kind: str  # "Conv2d", "F.conv2d", or the class name of a subclass
+    converted: bool
+    reason: str = ""  # why it was not converted; empty when converted
+    module: str = ""  # where the replacement lives in the converted model
+    rank: Optional[int] = None
+    full_rank: Optional[int] = None
+    relative_error: Optional[float] = None  # ||W - W_r||_F / ||W||_F at conversion time
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel_size: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = False
+
+
+@dataclass
+class ConversionPlan:
+    rank: Any = 1
+    init: str = "svd"
+    path: str = "fx"  # how convs were found: "fx", "fx+module-tree", "module-tree"
+    untraceable: dict[str, str] = field(default_factory=dict)  # module -> why fx could not trace it
+    layers: list[LayerDecision] = field(default_factory=list)
+    version: str = ""
+
+    @property
+    def converted(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [layer for layer in self.layers if not layer.converted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ConversionPlan":
+        known = {f.name for f in dataclasses.fields(LayerDecision)}
+        layers = [
+            LayerDecision(**{k: (tuple(v) if k == "kernel_size" else v) for k, v in layer.items() if k in known})
+            for layer in data.get("layers", [])
+        ]
+        fields = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        return cls(layers=layers, **{k: v for k, v in data.items() if k in fields})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ConversionPlan":
+        return cls.from_dict(json.loads(text))
+
+    def summary(self) -> str:
+        converted = len(self.converted)
+        lines = [f"converted {converted} of {len(self.layers)} convolutions (path: {self.path})"]
+        for layer in self.skipped:
+            lines.append(f"  kept {layer.name}: {layer.reason}")
+        for name, why in self.untraceable.items():
+            lines.append(f"  fx could not trace {name}: {why}")
+        return "\n".join(lines)
+
+
+def plan_of(model: nn.Module) -> Optional[ConversionPlan]:
+    """The plan attached to a converted model, or None for a model convsep has not touched."""
+    return getattr(model, PLAN_ATTRIBUTE, None)

@@ -1,0 +1,58 @@
+"""Rank policies: how many depthwise filters per input channel each layer keeps.
+
+A rank spec is an int (the depth multiplier, capped at the layer's full rank),
+"full" (exact), or a float in (0, 1): the smallest rank that keeps that fraction of
+the kernel's spectral energy (sum of squared singular values over all channels).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .errors import ConvsepTypeError, ConvsepValueError
+
+RankSpec = Union[int, float, str]
+
+
+def validate_rank(rank: object, where: str = "rank") -> RankSpec:
+    """Return `rank` if it is a usable spec; raise a clear error naming it otherwise."""
+    if isinstance(rank, str):
+        if rank == "full":
+            return rank
+        raise ConvsepValueError(f"{where}={rank!r} is not a rank: use a positive int, 'full', or a float in (0, 1)")
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ConvsepTypeError(
+            f"{where}={rank!r} ({type(rank).__name__}) is not a rank: use a positive int, 'full', or a float in (0, 1)"
+        )
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ConvsepValueError(f"{where}={rank} must be >= 1 (the number of depthwise filters per input channel)")
+        return rank
+    if not 0.0 < rank < 1.0:
+        raise ConvsepValueError(
+            f"{where}={rank} is a float, so it is an energy fraction and must lie in (0, 1); use an int for a fixed rank"
+        )
+    return rank
+
+
+def rank_for_energy(S: torch.Tensor, fraction: float) -> int:
+    """Smallest rank r whose top-r singular values hold `fraction` of the energy of all channels."""
+    energy = S.square().sum(dim=0)  # energy kept by adding the j-th value of every channel
+    total = energy.sum()
+    if total == 0:
+        return 1
+    kept = energy.cumsum(0) / total
+    # A tiny tolerance so that fraction=0.9 is met by a kept share of 0.8999999 in float32.
+    return int(torch.searchsorted(kept, torch.tensor(fraction - 1e-6, dtype=kept.dtype)).item()) + 1
+
+
+def resolve_rank(rank: RankSpec, S: torch.Tensor) -> int:
+    """The concrete rank for one layer, given the singular values S (M, q) of its channels."""
+    cap = S.shape[1]
+    if rank == "full":
+        return cap
+    if isinstance(rank, float):
+        return min(rank_for_energy(S, rank), cap)
+    return min(int(rank), cap)

@@ -1,0 +1,248 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import fx, nn
+
+import convsep
+from convsep import SeparableConv2d
+from convsep.layers import _SeparableConvNd
+from helpers import assert_bitwise_equal, relative_error, snapshot
+from zoo import FunctionalConvNet, NestedFunctionalNet, SharedConvNet, SubclassConvNet, UntraceableNet
+
+
+def test_full_rank_keeps_outputs_leaves_the_original_alone_and_trains(architecture):
+    name, model, x = architecture
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+    converted = convsep.convert(model, rank="full")
+    with torch.no_grad():
+        actual = converted(x)
+    assert relative_error(actual, expected) < 1e-4, name
+    assert_bitwise_equal(before, model)
+    assert converted.convsep_plan.converted, f"{name}: nothing was converted"
+
+    converted.train()
+    converted(x).square().mean().backward()
+    grads = [p.grad for n, p in converted.named_parameters() if "depthwise" in n or "pointwise" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_every_standard_conv_becomes_a_pair(architecture):
+    name, model, _ = architecture
+    converted = convsep.convert(model, rank="full")
+    plan = converted.convsep_plan
+    for decision in plan.layers:
+        if decision.converted:
+            assert isinstance(converted.get_submodule(decision.module), _SeparableConvNd), decision
+        else:
+            assert decision.reason, decision
+
+
+def test_rank_one_svd_beats_random_and_matches_eckart_young():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(4, 8, 12, 12)
+    svd = convsep.convert(model, rank=1)
+    random = convsep.convert(model, rank=1, init="random")
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(svd(x), expected) < relative_error(random(x), expected)
+    for decision in svd.convsep_plan.converted:
+        original = model.get_submodule(decision.name).weight.detach().double()
+        pair = svd.get_submodule(decision.module)
+        dense = convsep.factorize.compose(pair.depthwise.weight.double(), pair.pointwise.weight.double(), 1, 1)
+        matrices = convsep.factorize.channel_matrices(original, 1)
+        S = torch.linalg.svdvals(matrices)
+        optimum = (S[:, 1:].square().sum() / S.square().sum()).sqrt()
+        assert relative_error(dense, original) == pytest.approx(float(optimum), rel=1e-5)
+        assert decision.relative_error == pytest.approx(float(optimum), rel=1e-5)
+
+
+def test_skipped_layers_carry_their_reason():
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 1),
+        nn.Conv2d(8, 8, 3, groups=8),
+        nn.Conv2d(8, 8, 3),
+        nn.ConvTranspose2d(8, 8, 3),
+        SubclassConvNet().same,
+    )
+    plan = convsep.convert(model, rank=1).convsep_plan
+    reasons = {d.name: d.reason for d in plan.layers}
+    assert "already pointwise" in reasons["0"]
+    assert "already depthwise" in reasons["1"]
+    assert reasons["2"] == ""
+    assert "transposed" in reasons["3"]
+    assert "overrides forward" in reasons["4"]
+
+
+def test_conv_subclass_with_custom_forward_is_kept_unless_named():
+    torch.manual_seed(0)
+    model = SubclassConvNet().eval()
+    x = torch.randn(2, 3, 13, 13)
+    kept = convsep.convert(model, rank="full")
+    assert type(kept.same).__name__ == "SamePaddingConv"
+    assert isinstance(kept.plain, SeparableConv2d)  # adds nothing to forward: safe
+    named = convsep.convert(model, rank="full", include=["same", "plain"])
+    assert isinstance(named.same, SeparableConv2d)
+    with torch.no_grad():
+        assert relative_error(kept(x), model(x)) < 1e-5
+
+
+def test_functional_conv_is_converted_and_its_parameters_dropped():
+    torch.manual_seed(0)
+    model = FunctionalConvNet().eval()
+    converted = convsep.convert(model, rank="full")
+    assert isinstance(converted, fx.GraphModule)
+    assert isinstance(converted.stem_weight_separable, SeparableConv2d)
+    assert "stem_weight" not in dict(converted.named_parameters())
+    decision = next(d for d in converted.convsep_plan.layers if d.kind == "F.conv2d")
+    assert decision.converted and decision.name == "stem_weight"
+
+
+def test_nested_functional_conv_rewrites_only_the_calling_module():
+    torch.manual_seed(0)
+    model = NestedFunctionalNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    converted = convsep.convert(model, rank="full")
+    assert type(converted) is NestedFunctionalNet and converted.extra_method() == "kept"
+    assert isinstance(converted.inner[0], fx.GraphModule)
+    assert isinstance(converted.conv, SeparableConv2d)
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) < 1e-5
+
+
+def test_shared_module_stays_shared():
+    model = SharedConvNet()
+    converted = convsep.convert(model, rank=1)
+    assert isinstance(converted.conv, SeparableConv2d)
+    assert converted.conv is converted.alias
+    assert [d.name for d in converted.convsep_plan.converted] == ["conv", "head"]
+
+
+def test_untraceable_model_still_converts_and_says_how():
+    torch.manual_seed(0)
+    model = UntraceableNet().eval()
+    converted = convsep.convert(model, rank="full")
+    plan = converted.convsep_plan
+    assert type(converted) is UntraceableNet
+    assert {d.name for d in plan.converted} == {"stem", "block.conv", "tail.1"}
+    assert plan.path == "fx+module-tree"  # the root's assert stops fx; its children trace
+    assert "<root>" in plan.untraceable
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) < 1e-5
+
+
+def test_untraceable_submodule_becomes_a_leaf():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = UntraceableNet().block
+            self.head = nn.Conv2d(8, 2, 3)
+
+        def forward(self, x):
+            return self.head(self.net(x))
+
+    plan = convsep.convert(Wrapper(), rank=1).convsep_plan
+    assert plan.path == "fx+module-tree"
+    assert "net" in plan.untraceable and "TraceError" in plan.untraceable["net"]
+    assert {d.name for d in plan.converted} == {"net.conv", "head"}
+
+
+def test_converting_twice_converts_nothing_new():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    once = convsep.convert(model, rank=2)
+    twice = convsep.convert(once, rank=2)
+    assert str(twice) == str(once)
+    assert [d.name for d in twice.convsep_plan.converted] == ["0", "1"]
+
+
+def test_inplace_changes_the_model_itself():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    result = convsep.convert(model, inplace=True)
+    assert result is model and isinstance(model[0], SeparableConv2d)
+
+
+def test_include_and_exclude_select_layers():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)), nn.Sequential(nn.Conv2d(8, 8, 3))
+    )
+    plan = convsep.convert(model, include="0.*", exclude=["0.1"]).convsep_plan
+    assert [d.name for d in plan.converted] == ["0.0"]
+    reasons = {d.name: d.reason for d in plan.skipped}
+    assert "excluded by '0.1'" in reasons["0.1"] and "include" in reasons["1.0"]
+    by_callable = convsep.convert(model, include=lambda name, m: m.in_channels == 3).convsep_plan
+    assert [d.name for d in by_callable.converted] == ["0.0"]
+
+
+def test_pattern_that_matches_nothing_warns():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.warns(UserWarning, match="'features.*' matched no convolution"):
+        convsep.convert(model, exclude="features.*")
+
+
+def test_numeric_rank_that_saves_nothing_keeps_the_layer():
+    model = nn.Sequential(nn.Conv2d(16, 4, 3))  # 4 outputs: break-even rank 4*9/13 = 2.8
+    plan = convsep.convert(model, rank=3).convsep_plan
+    assert not plan.converted and "would not save MACs" in plan.layers[0].reason
+    assert convsep.convert(model, rank="full").convsep_plan.converted
+
+
+def test_energy_rank_picks_the_smallest_sufficient_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3))
+    plan = convsep.convert(model, rank=0.5).convsep_plan
+    decision = plan.layers[0]
+    assert decision.converted and 1 <= decision.rank < decision.full_rank
+    assert decision.relative_error <= (1 - 0.5) ** 0.5 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rank": 0}, ValueError, "rank=0"),
+        ({"rank": -2}, ValueError, "rank=-2"),
+        ({"rank": 1.5}, ValueError, r"rank=1.5"),
+        ({"rank": "half"}, ValueError, "'half'"),
+        ({"rank": None}, TypeError, "None"),
+        ({"rank": True}, TypeError, "True"),
+        ({"init": "xavier"}, ValueError, "'xavier'"),
+        ({"include": 3}, TypeError, "include=3"),
+    ],
+)
+def test_bad_arguments_are_refused_before_touching_the_model(kwargs, error, match):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    before = snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        convsep.convert(model, inplace=True, **kwargs)
+    assert isinstance(info.value, convsep.ConvsepError)
+    assert isinstance(model[0], nn.Conv2d)
+    assert_bitwise_equal(before, model)
+
+
+def test_non_module_is_refused():
+    with pytest.raises(TypeError, match="dict"):
+        convsep.convert({"weight": torch.zeros(1)})
+
+
+def test_model_without_convolutions_is_returned_as_a_copy():
+    model = nn.Sequential(nn.Linear(3, 3))
+    converted = convsep.convert(model)
+    assert converted is not model and not converted.convsep_plan.layers
+
+
+def test_converted_model_keeps_device_dtype_and_mode():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).double().train()
+    converted = convsep.convert(model)
+    pair = converted[0]
+    assert pair.training and pair.depthwise.weight.dtype == torch.float64
+
+
+def test_no_warnings_on_a_plain_model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convsep.convert(copy.deepcopy(nn.Sequential(nn.Conv2d(3, 8, 3))))

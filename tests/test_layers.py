@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from convsep import SeparableConv1d, SeparableConv2d, SeparableConv3d
+from convsep.count import separable_params
+from convsep.factorize import full_rank
+from helpers import relative_error
+
+SEPARABLE = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@st.composite
+def conv_configs(draw):
+    """A random standard convolution and an input that fits it."""
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    in_channels = groups * draw(st.integers(1, 3))
+    out_channels = groups * draw(st.integers(1, 4))
+    per_dim = lambda strategy: tuple(draw(st.lists(strategy, min_size=dims, max_size=dims)))  # noqa: E731
+    kernel = per_dim(st.integers(1, 3))
+    stride = per_dim(st.integers(1, 2))
+    dilation = per_dim(st.integers(1, 2))
+    padding_form = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if padding_form == "same":
+        stride = (1,) * dims  # PyTorch allows 'same' only with stride 1
+        padding = "same"
+    elif padding_form == "valid":
+        padding = "valid"
+    elif padding_form == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = per_dim(st.integers(0, 2))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    bias = draw(st.booleans())
+    size = 7 if dims < 3 else 5  # > padding, and >= the dilated kernel, for every padding mode
+    conv = CONV[dims](
+        in_channels, out_channels, kernel, stride, padding, dilation, groups, bias, padding_mode, dtype=torch.float64
+    )
+    seed = draw(st.integers(0, 2**16))
+    return conv, (2, in_channels) + (size,) * dims, seed
+
+
+def _fit_input(conv, shape, seed, dtype):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn_like(p))
+    return conv.to(dtype), torch.randn(shape, dtype=dtype)
+
+
+@settings(max_examples=120, deadline=None)
+@given(conv_configs(), st.sampled_from([torch.float32, torch.float64]))
+def test_full_rank_pair_computes_the_original_conv(config, dtype):
+    conv, shape, seed = config
+    conv, x = _fit_input(conv, shape, seed, dtype)
+    dims = conv.weight.dim() - 2
+    pair = SEPARABLE[dims].from_conv(conv, rank="full")
+    with torch.no_grad():
+        expected, actual = conv(x), pair(x)
+    assert actual.shape == expected.shape
+    assume(expected.norm() > 0)
+    assert relative_error(actual, expected) < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(conv_configs(), st.integers(1, 5))
+def test_parameter_count_follows_the_closed_form(config, rank):
+    conv, _, _ = config
+    dims = conv.weight.dim() - 2
+    pair = SEPARABLE[dims].from_conv(conv, rank=rank)
+    r = min(rank, full_rank(conv.weight.shape, conv.groups))
+    assert pair.rank == r
+    expected = separable_params(
+        conv.out_channels, conv.in_channels, math.prod(conv.kernel_size), conv.groups, r, conv.bias is not None
+    )
+    assert sum(p.numel() for p in pair.parameters()) == expected
+
+
+def test_pair_keeps_attributes_of_the_conv():
+    conv = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, padding_mode="reflect")
+    pair = SeparableConv2d.from_conv(conv, rank=2)
+    dw, pw = pair.depthwise, pair.pointwise
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (4, 8, 4)
+    assert (dw.kernel_size, dw.stride, dw.padding, dw.dilation, dw.padding_mode) == (
+        (3, 5), (2, 1), (1, 2), (1, 2), "reflect",
+    )  # fmt: skip
+    assert (pw.in_channels, pw.out_channels, pw.groups, pw.kernel_size) == (8, 6, 2, (1, 1))
+    assert dw.bias is None and pw.bias is not None
+    torch.testing.assert_close(pw.bias, conv.bias)
+    assert (pair.in_channels, pair.out_channels, pair.kernel_size) == (4, 6, (3, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kernels_convert(dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).to(dtype)
+    pair = SeparableConv2d.from_conv(conv, rank="full")
+    assert pair.depthwise.weight.dtype == dtype and pair.pointwise.weight.dtype == dtype
+    x = torch.randn(1, 8, 10, 10, dtype=dtype)
+    with torch.no_grad():
+        assert relative_error(pair(x), conv(x)) < 2e-2  # half precision rounding, not the maths
+
+
+def test_requires_grad_and_mode_are_kept():
+    conv = nn.Conv2d(4, 4, 3).eval()
+    conv.weight.requires_grad_(False)
+    pair = SeparableConv2d.from_conv(conv)
+    assert not pair.training
+    assert not pair.depthwise.weight.requires_grad and not pair.pointwise.weight.requires_grad
+    assert pair.pointwise.bias.requires_grad
+
+
+def test_random_init_uses_pytorch_defaults():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3)
+    pair = SeparableConv2d.from_conv(conv, rank=1, init="random")
+    assert not torch.allclose(pair.pointwise.bias, conv.bias)
+    assert pair.depthwise.weight.std() > 0
+
+
+def test_wrong_conv_type_and_bad_arguments_are_refused():
+    with pytest.raises(TypeError, match="Conv2d"):
+        SeparableConv2d.from_conv(nn.Conv1d(2, 2, 3))
+    with pytest.raises(ValueError, match="init"):
+        SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), init="xavier")
+    with pytest.raises(ValueError, match="rank"):
+        SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), rank=0)
