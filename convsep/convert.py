@@ -24,7 +24,7 @@ from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
 from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
-from .ranks import RankSpec, resolve_rank, validate_rank
+from .ranks import RankOverrides, RankSpec, resolve_rank, validate_rank
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .trace import FunctionalConv, discover, parameter, rewrite
 
@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidate:
-    """One convolution that passed selection, with what is needed to decide its rank."""
+    """A convolution that passed selection, waiting for its rank."""
 
     decision: LayerDecision
     conv: _ConvNd  # the module itself, or a stand-in sharing a functional conv's parameters
-    svd: Optional[ChannelSVD]
+    site: Optional[FunctionalConv] = None  # set for functional convs
+    svd: Optional[ChannelSVD] = None
+
+    def spectrum(self) -> ChannelSVD:
+        if self.svd is None:
+            self.svd = channel_svd(self.conv.weight, self.conv.groups)
+        return self.svd
 
 
 def convert(
@@ -48,6 +54,7 @@ def convert(
     include: Patterns = None,
     exclude: Patterns = None,
     inplace: bool = False,
+    ranks: Optional[dict[str, RankSpec]] = None,
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -57,6 +64,8 @@ def convert(
     init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
     include / exclude: glob patterns on qualified names, or a callable (name, module) -> bool.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
+    ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
+        then the first glob that matches.
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
@@ -64,31 +73,21 @@ def convert(
     if not isinstance(model, nn.Module):
         raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rank = validate_rank(rank)
+    overrides = RankOverrides(ranks)
     if init not in INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
     selection = LayerFilter(include, exclude)
     work = model if inplace else copy.deepcopy(model)
 
     found = discover(work)
-    candidates, decisions = [], []
-    weights_used_functionally = {
-        id(p) for site in found.functional if (p := parameter(work.get_submodule(site.owner), site.weight_target)) is not None
-    }
-
-    for site in found.functional:
-        decision, candidate = _consider_functional(work, site, selection, rank, init)
-        decisions.append(decision)
-        if candidate:
-            candidates.append((site, candidate))
-
-    for name, module in _conv_modules(work):
-        decision, candidate = _consider_module(name, module, selection, rank, init, weights_used_functionally)
-        decisions.append(decision)
-        if candidate:
-            candidates.append((None, candidate))
+    decisions, candidates = _consider_all(work, found, selection)
     selection.warn_unmatched()
+    for candidate in candidates:
+        _assign_rank(candidate, overrides.get(candidate.decision.name, rank), init)
+    overrides.warn_unmatched()
+    chosen = [c for c in candidates if c.decision.converted]
+    work = _apply(work, chosen, found, use_svd=init == "svd")
 
-    work = _apply(work, candidates, found)
     previous = plan_of(model)
     plan = ConversionPlan(
         rank=rank,
@@ -101,6 +100,75 @@ def convert(
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
     return work
+
+
+def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
+    """A copy of `model` with the architecture `plan` records: the same layers replaced at the same ranks.
+
+    The pairs are freshly initialised (no SVD, since their weights are about to be loaded from a
+    checkpoint); `model` itself is untouched.
+    """
+    work = copy.deepcopy(model)
+    wanted = {d.name: d for d in plan.converted}
+    found = discover(work) if any(d.kind.startswith("F.") for d in wanted.values()) else _no_functional()
+    _, candidates = _consider_all(work, found, LayerFilter(include=list(wanted) or None), explicit_all=True)
+    by_name = {c.decision.name: c for c in candidates}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise ConvsepValueError(
+            f"the conversion plan names layers this model does not have as convertible convs: {', '.join(missing[:5])}; "
+            "was the checkpoint made from another architecture?"
+        )
+    chosen = []
+    for name, recorded in wanted.items():
+        candidate = by_name[name]
+        candidate.decision = recorded
+        chosen.append(candidate)
+    work = _apply(work, chosen, found, use_svd=False)
+    setattr(work, PLAN_ATTRIBUTE, plan)
+    return work
+
+
+def _no_functional():
+    from .trace import Discovery
+
+    return Discovery()
+
+
+def _consider_all(work, found, selection, explicit_all=False):
+    """A decision for every conv in the model, and the candidates among them that qualify."""
+    decisions, candidates = [], []
+    weights_used_functionally = {
+        id(p) for site in found.functional if (p := parameter(work.get_submodule(site.owner), site.weight_target)) is not None
+    }
+    for site in found.functional:
+        decision, candidate = _consider_functional(work, site, selection)
+        decisions.append(decision)
+        candidates += [candidate] if candidate else []
+    for name, module in _conv_modules(work):
+        decision, candidate = _consider_module(name, module, selection, weights_used_functionally, explicit_all)
+        decisions.append(decision)
+        candidates += [candidate] if candidate else []
+    return decisions, candidates
+
+
+def _assign_rank(candidate: Candidate, spec: RankSpec, init: str) -> None:
+    """Settle one candidate's rank, or record why converting it would not pay."""
+    decision, conv = candidate.decision, candidate.conv
+    needs_spectrum = init == "svd" or isinstance(spec, float)
+    S = candidate.spectrum().S if needs_spectrum else None
+    r = resolve_rank(spec, S if S is not None else torch.empty(0, decision.full_rank))
+    k = kernel_elements(conv.kernel_size)
+    if spec != "full" and not saves_macs(conv.out_channels, conv.in_channels, k, conv.groups, r):
+        decision.reason = (
+            f"rank {r} would not save MACs here (the pair saves only below rank "
+            f"{break_even_rank(conv.out_channels, conv.in_channels, k, conv.groups):.2f}); use rank='full' to convert anyway"
+        )
+        return
+    decision.converted = True
+    decision.rank = r
+    if init == "svd":
+        decision.relative_error = discarded_energy_fraction(S, r) ** 0.5
 
 
 def _path_taken(found) -> str:
@@ -136,16 +204,16 @@ def _describe(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
     )
 
 
-def _consider_module(name, module, selection, rank, init, weights_used_functionally):
+def _consider_module(name, module, selection, weights_used_functionally, explicit_all=False):
     explicit_reason, explicit = selection.why_not(name, module)
     decision = _describe(name, type(module).__name__, module)
-    reason = explicit_reason or layer_why_not(module, explicit)
+    reason = explicit_reason or layer_why_not(module, explicit or explicit_all)
     if reason is None and id(module.weight) in weights_used_functionally:
         reason = "its weight is also used by a functional conv elsewhere"
-    return _decide(decision, module, reason, rank, init)
+    return _qualify(decision, module, reason)
 
 
-def _consider_functional(root, site: FunctionalConv, selection, rank, init):
+def _consider_functional(root, site: FunctionalConv, selection):
     owner = root.get_submodule(site.owner)
     weight = parameter(owner, site.weight_target)
     bias = parameter(owner, site.bias_target)
@@ -154,18 +222,32 @@ def _consider_functional(root, site: FunctionalConv, selection, rank, init):
     constants = {k: v for k, v in site.args.items() if k not in ("input", "weight", "bias")}
     dynamic = [k for k, v in constants.items() if isinstance(v, torch.fx.Node)]
     if weight is None or dynamic or (site.args.get("bias") is not None and bias is None):
-        why = "weight is computed in forward, not a parameter" if weight is None else (
-            f"{', '.join(dynamic)} computed in forward" if dynamic else "bias is computed in forward, not a parameter"
-        )
+        if weight is None:
+            why = "weight is computed in forward, not a parameter"
+        elif dynamic:
+            why = f"{', '.join(dynamic)} computed in forward"
+        else:
+            why = "bias is computed in forward, not a parameter"
         return LayerDecision(name=name, kind=kind, converted=False, reason=why, module=name), None
     conv = _stand_in(site.dims, weight, bias, constants)
     decision = _describe(name, kind, conv)
     decision.module = _qualified(site.owner, site.weight_target + "_separable")
-    explicit_reason, _ = selection.why_not(name, conv)
+    reason, _ = selection.why_not(name, conv)
     if isinstance(owner.get_submodule(site.weight_target.rpartition(".")[0]), _ConvNd):
-        explicit_reason = explicit_reason or "its weight belongs to a conv module, which is considered on its own"
-    reason = explicit_reason or conv_why_not(conv.in_channels, conv.kernel_size, conv.groups)
-    return _decide(decision, conv, reason, rank, init)
+        reason = reason or "its weight belongs to a conv module, which is considered on its own"
+    reason = reason or conv_why_not(conv.in_channels, conv.kernel_size, conv.groups)
+    decision, candidate = _qualify(decision, conv, reason)
+    if candidate:
+        candidate.site = site
+    return decision, candidate
+
+
+def _qualify(decision: LayerDecision, conv: _ConvNd, reason: Optional[str]):
+    if reason:
+        decision.reason = reason
+        return decision, None
+    decision.full_rank = full_rank(conv.weight.shape, conv.groups)
+    return decision, Candidate(decision, conv)
 
 
 def _stand_in(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], constants: dict) -> _ConvNd:
@@ -182,39 +264,18 @@ def _stand_in(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], con
     return conv
 
 
-def _decide(decision, conv, reason, rank, init):
-    if reason:
-        decision.reason = reason
-        return decision, None
-    groups = conv.groups
-    decision.full_rank = full_rank(conv.weight.shape, groups)
-    svd = channel_svd(conv.weight, groups) if init == "svd" or isinstance(rank, float) else None
-    r = resolve_rank(rank, svd.S) if svd is not None else resolve_rank(rank, torch.empty(0, decision.full_rank))
-    k = kernel_elements(conv.kernel_size)
-    if rank != "full" and not saves_macs(conv.out_channels, conv.in_channels, k, groups, r):
-        decision.reason = (
-            f"rank {r} would not save MACs here (the pair saves only below rank "
-            f"{break_even_rank(conv.out_channels, conv.in_channels, k, groups):.2f}); use rank='full' to convert anyway"
-        )
-        return decision, None
-    decision.converted = True
-    decision.rank = r
-    if init == "svd":
-        decision.relative_error = discarded_energy_fraction(svd.S, r) ** 0.5
-    return decision, Candidate(decision, conv, svd if init == "svd" else None)
-
-
 def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _apply(root: nn.Module, candidates, found) -> nn.Module:
+def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn.Module:
     """Build every pair, rewrite graphs for functional convs, then swap module convs in the tree."""
     swaps: dict[int, nn.Module] = {}
     by_owner: dict[str, dict] = {}
-    for site, candidate in candidates:
-        conv, decision = candidate.conv, candidate.decision
-        pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, decision.rank, candidate.svd)
+    for candidate in chosen:
+        conv, site = candidate.conv, candidate.site
+        svd = candidate.spectrum() if use_svd else None
+        pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
         if site is None:
             swaps[id(conv)] = pair
         else:

@@ -7,7 +7,9 @@ the kernel's spectral energy (sum of squared singular values over all channels).
 
 from __future__ import annotations
 
-from typing import Union
+import fnmatch
+import warnings
+from typing import Optional, Union
 
 import torch
 
@@ -56,3 +58,32 @@ def resolve_rank(rank: RankSpec, S: torch.Tensor) -> int:
     if isinstance(rank, float):
         return min(rank_for_energy(S, rank), cap)
     return min(int(rank), cap)
+
+
+class RankOverrides:
+    """Per-layer rank specs: {glob or exact name: spec}. An exact name wins, then the first matching glob."""
+
+    def __init__(self, ranks: Optional[dict[str, RankSpec]]) -> None:
+        if ranks is not None and not isinstance(ranks, dict):
+            raise ConvsepTypeError(f"ranks={ranks!r} must be a dict of name pattern -> rank, like {{'layer3.*': 2}}")
+        self.ranks = {}
+        for pattern, spec in (ranks or {}).items():
+            if not isinstance(pattern, str):
+                raise ConvsepTypeError(f"ranks has the key {pattern!r}: keys must be name patterns (str)")
+            self.ranks[pattern] = validate_rank(spec, where=f"ranks[{pattern!r}]")
+        self._hits: set[str] = set()
+
+    def get(self, name: str, default: RankSpec) -> RankSpec:
+        if name in self.ranks:
+            self._hits.add(name)
+            return self.ranks[name]
+        for pattern, spec in self.ranks.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                self._hits.add(pattern)
+                return spec
+        return default
+
+    def warn_unmatched(self) -> None:
+        for pattern in self.ranks:
+            if pattern not in self._hits:
+                warnings.warn(f"ranks pattern {pattern!r} matched no convertible convolution", stacklevel=3)

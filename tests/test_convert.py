@@ -246,3 +246,28 @@ def test_no_warnings_on_a_plain_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convsep.convert(copy.deepcopy(nn.Sequential(nn.Conv2d(3, 8, 3))))
+
+
+def test_per_layer_rank_overrides():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 4, 3))
+    converted = convsep.convert(model, rank=1, ranks={"1": 3, "2": "full", "0*": 2})
+    ranks = {d.name: d.rank for d in converted.convsep_plan.converted}
+    assert ranks == {"0": 2, "1": 3, "2": 4}
+    with pytest.warns(UserWarning, match="'head' matched no"):
+        convsep.convert(model, ranks={"head": 2})
+    with pytest.raises(ValueError, match=r"ranks\['1'\]=0"):
+        convsep.convert(model, ranks={"1": 0})
+
+
+def test_rebuild_reproduces_the_converted_architecture():
+    from convsep.convert import rebuild
+
+    torch.manual_seed(0)
+    for model in (FunctionalConvNet().eval(), NestedFunctionalNet().eval(), SubclassConvNet().eval()):
+        converted = convsep.convert(model, rank=2, include=lambda n, m: True)
+        rebuilt = rebuild(model, converted.convsep_plan)
+        assert str(rebuilt) == str(converted)
+        rebuilt.load_state_dict(converted.state_dict())
+        x = torch.randn(2, 3, 13, 13)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), converted(x))
