@@ -1,0 +1,30 @@
+"""What a batch is: a tensor of inputs, or a tuple/list (inputs, targets, ...).
+
+Calibration needs only inputs; fine-tuning uses targets when a batch carries them.
+Inputs may themselves be a tuple of tensors for models with several inputs: write
+such a batch as ((x1, x2), targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .errors import ConvsepTypeError
+
+
+def split_batch(batch: Any) -> tuple[Any, Optional[torch.Tensor]]:
+    """(inputs, targets or None) of one batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        raise ConvsepTypeError("a batch is a tensor or a tuple (inputs, targets), got a dict; map it to a tuple first")
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise ConvsepTypeError(f"a batch is a tensor or a tuple (inputs, targets), got {type(batch).__name__}")
+
+
+def as_args(inputs: Any) -> tuple:
+    """Positional arguments for model(*args): a tensor is one argument, a tuple of tensors several."""
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
