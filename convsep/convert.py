@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -19,12 +20,23 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .version import __version__
-from .count import saves_macs, break_even_rank, kernel_elements
+from .budget import allocate, cheapest_cost, options_from_spectrum
+from .calibrate import calibrate
+from .count import (
+    break_even_rank,
+    conv_macs_per_position,
+    conv_params,
+    kernel_elements,
+    saves_macs,
+    separable_macs_per_position,
+    separable_params,
+)
 from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
 from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
-from .ranks import RankOverrides, RankSpec, resolve_rank, validate_rank
+from .probe import measure_macs
+from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .trace import FunctionalConv, discover, parameter, rewrite
 
@@ -55,6 +67,11 @@ def convert(
     exclude: Patterns = None,
     inplace: bool = False,
     ranks: Optional[dict[str, RankSpec]] = None,
+    budget: Optional[float] = None,
+    budget_on: str = "macs",
+    example_inputs: Any = None,
+    calibration_data: Any = None,
+    calibration_batches: Optional[int] = None,
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -66,6 +83,15 @@ def convert(
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
     ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
         then the first glob that matches.
+    budget: a share in (0, 1] of the whole model's cost (`budget_on`: "macs" or "params") that the
+        converted model may keep; per-layer ranks, and which layers to leave as they are, are then
+        chosen to minimise the sum of squared relative weight errors (see budget.py). Replaces
+        `rank`; layers named in `ranks` keep their override and count at its cost.
+    example_inputs: a tensor (or tuple of tensors) the model runs on once to measure MACs; needed
+        for budget_on="macs".
+    calibration_data: an iterable of batches (tensors, or tuples whose first item is the input):
+        after conversion, the pairs are refitted to reproduce the original layers' outputs on it
+        (see `convsep.calibrate`); `calibration_batches` caps how many batches are used.
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
@@ -73,17 +99,24 @@ def convert(
     if not isinstance(model, nn.Module):
         raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rank = validate_rank(rank)
+    budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
     if init not in INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
     selection = LayerFilter(include, exclude)
+    # Calibration compares against the original, which an in-place conversion is about to change.
+    reference = copy.deepcopy(model) if inplace and calibration_data is not None else model
     work = model if inplace else copy.deepcopy(model)
 
     found = discover(work)
     decisions, candidates = _consider_all(work, found, selection)
     selection.warn_unmatched()
-    for candidate in candidates:
-        _assign_rank(candidate, overrides.get(candidate.decision.name, rank), init)
+    budget_record = None
+    if budget is None:
+        for candidate in candidates:
+            _assign_rank(candidate, overrides.get(candidate.decision.name, rank), init)
+    else:
+        budget_record = _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs)
     overrides.warn_unmatched()
     chosen = [c for c in candidates if c.decision.converted]
     work = _apply(work, chosen, found, use_svd=init == "svd")
@@ -96,9 +129,12 @@ def convert(
         untraceable=dict(found.untraceable),
         layers=(previous.converted if previous else []) + decisions,
         version=__version__,
+        budget=budget_record,
     )
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
+    if calibration_data is not None:
+        work = calibrate(work, reference, calibration_data, batches=calibration_batches)
     return work
 
 
@@ -165,10 +201,81 @@ def _assign_rank(candidate: Candidate, spec: RankSpec, init: str) -> None:
             f"{break_even_rank(conv.out_channels, conv.in_channels, k, conv.groups):.2f}); use rank='full' to convert anyway"
         )
         return
+    _convert_at(candidate, r, S if init == "svd" else None)
+
+
+def _convert_at(candidate: Candidate, rank: int, S: Optional[torch.Tensor]) -> None:
+    decision = candidate.decision
     decision.converted = True
-    decision.rank = r
-    if init == "svd":
-        decision.relative_error = discarded_energy_fraction(S, r) ** 0.5
+    decision.rank = rank
+    if S is not None:
+        decision.relative_error = discarded_energy_fraction(S, rank) ** 0.5
+
+
+def _layer_costs(conv: _ConvNd, budget_on: str, measured) -> tuple[int, int]:
+    """(cost of the conv as it is, cost of its pair per unit of rank), biases left out (the same on both sides)."""
+    n, m, k, g = conv.out_channels, conv.in_channels, kernel_elements(conv.kernel_size), conv.groups
+    if budget_on == "params":
+        return conv_params(n, m, k, g, bias=False), separable_params(n, m, k, g, 1, bias=False)
+    positions = measured.positions_of(conv.weight)
+    return conv_macs_per_position(n, m, k, g) * positions, separable_macs_per_position(n, m, k, g, 1) * positions
+
+
+def _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs) -> dict:
+    """Ranks (or keep) for every candidate so that the whole model costs at most `budget` of what it costs now.
+
+    Everything that is not a free candidate (other layers, convs left out by selection, layers
+    with a rank override) counts at the cost it will have; the rest is allocated by budget.py.
+    """
+    measured = measure_macs(work, example_inputs) if budget_on == "macs" else None
+    total = measured.total if measured else sum(p.numel() for p in work.parameters())
+    free, options, others = [], [], total
+    for candidate in candidates:
+        keep_cost, per_rank = _layer_costs(candidate.conv, budget_on, measured)
+        spec = overrides.get(candidate.decision.name, None)
+        if spec is not None:
+            _assign_rank(candidate, spec, init)
+            if candidate.decision.converted:
+                others -= keep_cost - candidate.decision.rank * per_rank
+            continue
+        others -= keep_cost
+        free.append(candidate)
+        options.append(options_from_spectrum(candidate.spectrum().S, keep_cost, per_rank))
+    what = "MACs" if budget_on == "macs" else "params"
+    available = budget * total - others
+    if total == 0 or cheapest_cost(options) > available:
+        smallest = (others + cheapest_cost(options)) / total if total else 1.0
+        raise ConvsepValueError(
+            f"budget={budget} cannot be met: with every convertible layer at its cheapest (rank 1 where that "
+            f"saves {what}) the model keeps {smallest:.2%} of its {what}, so the smallest reachable budget is "
+            f"{math.ceil(smallest * 10_000) / 10_000:.4f}; layers left out by include/exclude or fixed by ranks= "
+            "count at their own cost"
+        )
+    allocation = allocate(options, available)
+    for candidate, layer, choice in zip(free, options, allocation.choices):
+        if choice is not None:
+            _convert_at(candidate, choice, candidate.spectrum().S if init == "svd" else None)
+        elif not layer.rank_costs:
+            conv = candidate.conv
+            candidate.decision.reason = (
+                f"no rank saves {what} here (the pair saves only below rank "
+                f"{break_even_rank(conv.out_channels, conv.in_channels, kernel_elements(conv.kernel_size), conv.groups):.2f})"
+                if layer.keep_cost
+                else "it did not run on example_inputs, so converting it saves no MACs"
+            )
+        else:
+            candidate.decision.reason = (
+                f"kept by budget={budget} on {what}: spending the budget on other layers costs less error"
+            )
+    converted = [c for c in candidates if c.decision.converted]
+    return {
+        "fraction": budget,
+        "on": budget_on,
+        "original": total,
+        "reached": (others + allocation.cost) / total,
+        "objective": "sum over layers of squared relative weight error",
+        "error": sum(discarded_energy_fraction(c.spectrum().S, c.decision.rank) for c in converted),
+    }
 
 
 def _path_taken(found) -> str:

@@ -42,6 +42,8 @@ class ConversionPlan:
     untraceable: dict[str, str] = field(default_factory=dict)  # module -> why fx could not trace it
     layers: list[LayerDecision] = field(default_factory=list)
     version: str = ""
+    budget: Optional[dict[str, Any]] = None  # convert(budget=...): the share asked for and reached, the objective
+    calibration: Optional[dict[str, Any]] = None  # calibrate(): data used, settings, per-layer output errors
 
     @property
     def converted(self) -> list[LayerDecision]:
@@ -74,6 +76,9 @@ class ConversionPlan:
     def summary(self) -> str:
         converted = len(self.converted)
         lines = [f"converted {converted} of {len(self.layers)} convolutions (path: {self.path})"]
+        if self.budget:
+            what = "MACs" if self.budget["on"] == "macs" else "params"
+            lines.append(f"  budget {self.budget['fraction']:g} of {what}: the model keeps {self.budget['reached']:.1%}")
         for layer in self.skipped:
             lines.append(f"  kept {layer.name}: {layer.reason}")
         for name, why in self.untraceable.items():

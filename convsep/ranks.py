@@ -87,3 +87,34 @@ class RankOverrides:
         for pattern in self.ranks:
             if pattern not in self._hits:
                 warnings.warn(f"ranks pattern {pattern!r} matched no convertible convolution", stacklevel=3)
+
+
+BUDGET_ON = ("macs", "params")
+
+
+def validate_budget(budget: object, budget_on: object, example_inputs: object, rank: RankSpec) -> Optional[float]:
+    """Return `budget` if it is usable with the other arguments; raise a clear error naming it otherwise."""
+    if budget_on not in BUDGET_ON:
+        raise ConvsepValueError(f"budget_on={budget_on!r} is not known: use one of {', '.join(map(repr, BUDGET_ON))}")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConvsepTypeError(
+            f"budget={budget!r} ({type(budget).__name__}) must be a number in (0, 1]: the share of the original cost to keep"
+        )
+    if not 0.0 < budget <= 1.0:
+        raise ConvsepValueError(
+            f"budget={budget} must lie in (0, 1]: it is the share of the original {budget_on} the converted model "
+            "may keep (0.3 keeps 30%)"
+        )
+    if budget_on == "macs" and example_inputs is None:
+        raise ConvsepValueError(
+            f"budget={budget} on MACs needs example_inputs, since MACs depend on the input size: pass e.g. "
+            "example_inputs=torch.randn(1, 3, 224, 224), or budget_on='params'"
+        )
+    if rank != 1:
+        raise ConvsepValueError(
+            f"rank={rank!r} and budget={budget} both choose the ranks: pass one of them "
+            "(per-layer overrides in ranks= still apply under a budget)"
+        )
+    return float(budget)
