@@ -1,5 +1,6 @@
 """convsep: turn the standard convolutions of a trained PyTorch model into depthwise-separable ones."""
 
+from .calibrate import calibrate
 from .convert import convert
 from .errors import (
     CheckpointError,
@@ -8,6 +9,7 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
+    MissingExtraError,
 )
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
@@ -22,9 +24,11 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "MissingExtraError",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
+    "calibrate",
     "convert",
 ]

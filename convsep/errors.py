@@ -27,3 +27,7 @@ class CheckpointNotFoundError(ConvsepError, FileNotFoundError):
 
 class InputShapeError(ConvsepError, ValueError):
     """Example inputs do not fit the model."""
+
+
+class MissingExtraError(ConvsepError, ImportError):
+    """An optional dependency (an extra: images, progress, ...) is needed for what was asked."""

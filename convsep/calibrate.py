@@ -1,0 +1,458 @@
+"""Data-aware calibration: refit each depthwise + pointwise pair to reproduce its original layer's outputs.
+
+The SVD init minimises the error of the weights; what matters is the error of the
+outputs on real inputs. With the depthwise filters fixed, a pair's output is linear in
+its pointwise weights, so the pointwise weights (and bias) that best reproduce the
+original layer's outputs are a least-squares solution: accumulate X^T X and X^T Y over
+the calibration batches (X: the depthwise outputs, Y: the original outputs), then solve
+one small system per group (the pointwise conv is block-diagonal across groups).
+Optionally the depthwise filters are refitted the same way with the pointwise weights
+fixed, alternating; every step lowers the layer's output error on the calibration data.
+
+Layers are fitted one after the other in the order the model runs them, so that errors
+do not pile up: each pair is fitted on its inputs in the converted model (with the
+pairs before it already calibrated), against the original layer's outputs on the
+original model's inputs to that layer. No labels are needed.
+
+The ridge term pulls towards the current weights (the SVD init at first), not towards
+zero: with little data, or directions the data never excites, the fit stays where the
+closed form put it. Its strength is `ridge` times the mean diagonal of the system's
+Gram matrix, so it does not depend on the scale of the activations.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .batches import split_batch
+from .errors import ConvsepTypeError, ConvsepValueError
+from .layers import _SeparableConvNd
+from .plan import LayerDecision, plan_of
+from .probe import ConvCalls, StopForward, evaluating, forward
+
+log = logging.getLogger(__name__)
+
+# Above this many unknowns per group the depthwise refit's normal matrix gets too large (4096^2 float64 = 134 MB).
+MAX_DEPTHWISE_UNKNOWNS = 4096
+# Feature elements (float64) handled at once while accumulating, to bound memory on large activations.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def calibrate(
+    converted: nn.Module,
+    original: nn.Module,
+    data: Iterable[Any],
+    *,
+    batches: Optional[int] = None,
+    ridge: float = 1e-3,
+    alternate: int = 0,
+    verbose: bool = False,
+    device: Optional[torch.device | str] = None,
+) -> nn.Module:
+    """Refit the pairs of `converted` so that each reproduces its original layer's outputs on `data`.
+
+    converted: a model returned by `convsep.convert` (it carries the conversion plan). It is
+        modified in place and returned; `original` is never modified (both run in eval mode
+        during calibration, and every module's train/eval flag is restored afterwards).
+    original: the model `convert` was given.
+    data: an iterable of batches: input tensors, or tuples (inputs, targets, ...) whose
+        targets are ignored; inputs may be a tuple of tensors for models with several inputs.
+        It is iterated once per converted layer; a one-shot iterator (a generator) is read
+        once and kept in memory (bound it with `batches`).
+    batches: use at most this many batches (default: all).
+    ridge: strength of the pull towards the current weights, relative to the mean diagonal
+        of each least-squares system (default 1e-3).
+    alternate: after the pointwise refit, this many rounds of (depthwise refit, pointwise
+        refit). 0 refits only the pointwise weights and biases.
+    verbose: print each layer's relative output error on the data before and after; with
+        tqdm installed (the `progress` extra) and stderr a terminal, also a progress bar.
+    device: run on this device (converted is moved there and returned there; original is
+        copied there if it lives elsewhere). Default: the device of converted's parameters.
+
+    The per-layer errors are recorded in `converted.convsep_plan.calibration`.
+    """
+    plan = _check_arguments(converted, original, batches, ridge, alternate)
+    if device is not None:
+        device = torch.device(device)
+        converted.to(device)
+        if any(p.device != device for p in itertools.chain(original.parameters(), original.buffers())):
+            original = copy.deepcopy(original).to(device)
+    else:
+        device = next(itertools.chain(converted.parameters(), converted.buffers()), torch.empty(0)).device
+    source = _Batches(data, batches, device)
+
+    layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+    with evaluating(converted, original):
+        order, calls = _run_order(converted, [layer.pair for layer in layers], source.first())
+        by_pair = {id(layer.pair): layer for layer in layers}
+        not_run = [layer.decision.name for layer in layers if id(layer.pair) not in calls]
+        if not_run:
+            warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
+        progress = _progress_bar(len(order) * source.count if source.count else 0, verbose)
+        results = {}
+        for pair_id in order:
+            layer = by_pair[pair_id]
+            stats = _LayerStats(layer.pair, patches=alternate > 0)
+            for inputs in source:
+                targets = _original_outputs(original, layer.weight, inputs, calls[pair_id])
+                sources = _pair_inputs(converted, layer.pair, inputs, calls[pair_id])
+                if len(targets) != len(sources):
+                    raise ConvsepValueError(
+                        f"layer {layer.decision.name!r} ran {len(sources)} times in the converted model and "
+                        f"{len(targets)} times in the original on the same batch: is `original` the model convert was given?"
+                    )
+                for x, y in zip(sources, targets):
+                    stats.add(x, y, layer.decision.name)
+                if progress is not None:
+                    progress.update()
+            before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
+            results[layer.decision.name] = {"before": before, "after": after}
+            message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
+            log.info("%s", message)
+            if verbose:
+                (progress.write if progress is not None else print)(message)
+        if progress is not None:
+            progress.close()
+    plan.calibration = {
+        "batches": source.count,
+        "samples": source.samples,
+        "ridge": ridge,
+        "alternate": alternate,
+        "layers": results,
+    }
+    return converted
+
+
+def _check_arguments(converted, original, batches, ridge, alternate):
+    for name, model in (("converted", converted), ("original", original)):
+        if not isinstance(model, nn.Module):
+            raise ConvsepTypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if converted is original:
+        raise ConvsepValueError("converted and original are the same model: pass the model convert was given as original")
+    plan = plan_of(converted)
+    if plan is None:
+        raise ConvsepValueError("converted has no conversion plan (convsep_plan): pass a model returned by convsep.convert")
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise ConvsepValueError(f"batches={batches!r} must be a positive int (or None for all batches)")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or math.isinf(ridge):
+        raise ConvsepValueError(f"ridge={ridge!r} must be a finite number >= 0")
+    if isinstance(alternate, bool) or not isinstance(alternate, int) or alternate < 0:
+        raise ConvsepValueError(f"alternate={alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)")
+    return plan
+
+
+class _Batches:
+    """The calibration inputs: on the device, at most `limit` batches, re-iterable, checked to be non-empty."""
+
+    def __init__(self, data: Iterable[Any], limit: Optional[int], device: torch.device) -> None:
+        if isinstance(data, Tensor):
+            raise ConvsepTypeError(
+                "calibration data is a single tensor, which would be iterated sample by sample: pass a list of batches, e.g. [x]"
+            )
+        try:
+            iterator = iter(data)
+        except TypeError:
+            raise ConvsepTypeError(
+                f"calibration data must be an iterable of batches (a list, a DataLoader, ...), got {type(data).__name__}"
+            ) from None
+        # A one-shot iterator cannot be read once per layer: keep what it yields.
+        self.data = list(itertools.islice(iterator, limit)) if iterator is data else data
+        self.limit, self.device = limit, device
+        self.samples = 0
+        self.count: Optional[int] = None  # batches per pass, known once a pass has ended (or from len())
+        if hasattr(self.data, "__len__"):
+            self.count = len(self.data) if limit is None else min(len(self.data), limit)
+        if self.first() is None:
+            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+
+    def _inputs(self):
+        for batch in itertools.islice(self.data, self.limit):
+            inputs, _ = split_batch(batch)
+            yield _to(inputs, self.device)
+
+    def first(self):
+        return next(self._inputs(), None)
+
+    def __iter__(self):
+        count = samples = 0
+        for inputs in self._inputs():
+            count += 1
+            samples += _samples(inputs)
+            yield inputs
+        self.count, self.samples = count, samples
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to(x, device) for x in inputs)
+    return inputs
+
+
+def _samples(inputs: Any) -> int:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
+
+
+@dataclass
+class _Layer:
+    decision: LayerDecision
+    pair: _SeparableConvNd  # in the converted model
+    weight: Tensor  # the original conv's weight, which identifies its calls in the original model
+
+    @classmethod
+    def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> "_Layer":
+        try:
+            pair = converted.get_submodule(decision.module)
+        except AttributeError:
+            pair = None
+        if not isinstance(pair, _SeparableConvNd):
+            raise ConvsepValueError(
+                f"the plan says {decision.name!r} became {decision.module!r}, but converted has no pair there"
+            )
+        try:
+            if decision.kind.startswith("F."):
+                weight = original.get_parameter(decision.name)
+            else:
+                conv = original.get_submodule(decision.name)
+                weight = conv.weight if isinstance(conv, _ConvNd) else None
+        except AttributeError:
+            weight = None
+        if weight is None:
+            raise ConvsepValueError(
+                f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
+            )
+        return cls(decision, pair, weight)
+
+
+def _run_order(converted: nn.Module, pairs: list[_SeparableConvNd], inputs: Any) -> tuple[list[int], dict[int, int]]:
+    """The pairs in the order of their first call on one batch, and how often each is called."""
+    calls: dict[int, int] = {}
+
+    def record(module, _args):
+        calls[id(module)] = calls.get(id(module), 0) + 1
+
+    handles = [pair.register_forward_pre_hook(record) for pair in {id(p): p for p in pairs}.values()]
+    try:
+        forward(converted, inputs, what="the first calibration batch")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(calls), calls
+
+
+def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected: int) -> list[Tensor]:
+    """The outputs of the conv calls that use `weight`, stopping the forward once all have been seen."""
+    outputs: list[Tensor] = []
+
+    def keep(used_weight, _input, output):
+        if used_weight is weight:
+            outputs.append(output)
+            if len(outputs) == expected:
+                raise StopForward
+
+    try:
+        with ConvCalls(keep):
+            forward(original, inputs, what="a calibration batch (original model)")
+    except StopForward:
+        pass
+    return outputs
+
+
+def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: int) -> list[Tensor]:
+    """The inputs of `pair` in the converted model, stopping before the pair runs for the last time."""
+    seen: list[Tensor] = []
+
+    def keep(_module, args):
+        seen.append(args[0])
+        if len(seen) == expected:
+            raise StopForward
+
+    handle = pair.register_forward_pre_hook(keep)
+    try:
+        forward(converted, inputs, what="a calibration batch")
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen
+
+
+class _LayerStats:
+    """Sums over the calibration data that determine the least-squares fits of one pair.
+
+    features: the depthwise outputs (pointwise refit only), or the depthwise conv's input
+    patches (for alternating: the depthwise outputs are linear in them, so both refits
+    follow from the same sums without another pass over the data). Per group g:
+    gram = sum F F^T, cross = sum F Y^T, feature_sum = sum F, target_sum = sum Y.
+    """
+
+    def __init__(self, pair: _SeparableConvNd, patches: bool) -> None:
+        self.pair, self.patches = pair, patches
+        self.groups = pair.groups
+        self.kernel = math.prod(pair.kernel_size)
+        per_channel = self.kernel if patches else pair.rank
+        width = pair.in_channels // self.groups * per_channel
+        outputs = pair.out_channels // self.groups
+        device = pair.pointwise.weight.device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.gram = zeros(self.groups, width, width)
+        self.cross = zeros(self.groups, width, outputs)
+        self.feature_sum = zeros(self.groups, width)
+        self.target_sum = zeros(self.groups, outputs)
+        self.count = 0  # output positions seen (samples x positions)
+        self.target_energy = 0.0  # sum of Y^2
+
+    def _features(self, x: Tensor) -> Tensor:
+        depthwise = self.pair.depthwise
+        if not self.patches:
+            return depthwise(x)
+        # A depthwise conv with one-hot filters extracts every input channel's patches, with the
+        # depthwise conv's own stride, padding, padding mode and dilation, in any number of dims.
+        channels = self.pair.in_channels
+        one_hot = torch.eye(self.kernel, dtype=x.dtype, device=x.device).repeat(channels, 1)
+        return depthwise._conv_forward(x, one_hot.reshape(channels * self.kernel, 1, *depthwise.kernel_size), None)
+
+    def add(self, x: Tensor, y: Tensor, name: str) -> None:
+        dims = self.pair.depthwise.weight.dim() - 2
+        if x.dim() == dims + 1:  # an unbatched call
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        per_sample = x[:1].numel() * (self.kernel if self.patches else self.pair.rank)
+        step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        for start in range(0, x.shape[0], step):
+            features = self._features(x[start : start + step])
+            target = y[start : start + step]
+            if features.shape[2:] != target.shape[2:] or target.shape[1] != self.pair.out_channels:
+                raise ConvsepValueError(
+                    f"layer {name!r}: the original layer's outputs {tuple(target.shape)} do not match the pair's "
+                    f"{(features.shape[0], self.pair.out_channels, *features.shape[2:])}"
+                )
+            b = features.shape[0]
+            f = features.detach().reshape(b, self.groups, -1, features[0, 0].numel()).double()
+            t = target.detach().reshape(b, self.groups, -1, target[0, 0].numel()).double()
+            self.gram += torch.einsum("bgip,bgjp->gij", f, f)
+            self.cross += torch.einsum("bgip,bgnp->gin", f, t)
+            self.feature_sum += f.sum(dim=(0, 3))
+            self.target_sum += t.sum(dim=(0, 3))
+            self.count += b * f.shape[-1]
+            self.target_energy += float(t.square().sum())
+
+
+def _depthwise_factors(pair: _SeparableConvNd) -> Tensor:
+    """The depthwise filters as (groups, in per group, rank, kernel elements), in float64."""
+    g, r = pair.groups, pair.rank
+    return pair.depthwise.weight.detach().double().reshape(g, pair.in_channels // g, r, -1)
+
+
+def _pointwise_system(pair: _SeparableConvNd, stats: _LayerStats) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, B, current solution) of the pointwise least squares A theta = B, theta = [P^T; bias]."""
+    g = pair.groups
+    if stats.patches:  # depthwise outputs F = d X: their sums follow from the patch sums
+        d = _depthwise_factors(pair)
+        mg, r, k = d.shape[1:]
+        q = stats.gram.reshape(g, mg, k, mg, k)
+        gram = torch.einsum("gcjk,gckdl,gdml->gcjdm", d, q, d).reshape(g, mg * r, mg * r)
+        cross = torch.einsum("gcjk,gckn->gcjn", d, stats.cross.reshape(g, mg, k, -1)).reshape(g, mg * r, -1)
+        feature_sum = torch.einsum("gcjk,gck->gcj", d, stats.feature_sum.reshape(g, mg, k)).reshape(g, mg * r)
+    else:
+        gram, cross, feature_sum = stats.gram, stats.cross, stats.feature_sum
+    weight = pair.pointwise.weight.detach().double()
+    theta = weight.reshape(g, weight.shape[0] // g, -1).transpose(1, 2)  # (g, inputs, outputs)
+    if pair.pointwise.bias is None:
+        return gram, cross, theta
+    width = gram.shape[-1]
+    a = gram.new_zeros(g, width + 1, width + 1)
+    a[:, :width, :width] = gram
+    a[:, :width, width] = a[:, width, :width] = feature_sum
+    a[:, width, width] = stats.count
+    b = torch.cat([cross, stats.target_sum.unsqueeze(1)], dim=1)
+    bias = pair.pointwise.bias.detach().double().reshape(g, 1, -1)
+    return a, b, torch.cat([theta, bias], dim=1)
+
+
+def _ridge_solve(a: Tensor, b: Tensor, current: Tensor, ridge: float, width: int) -> Tensor:
+    """argmin ||data fit||^2 + lam ||theta - current||^2, lam = ridge x mean diagonal of the weight block of a."""
+    scale = a[:, :width, :width].diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    lam = (ridge * scale).clamp_min(1e-12 * scale).reshape(-1, 1, 1)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a + lam * eye, b + lam * current)
+
+
+def _residual(a: Tensor, b: Tensor, theta: Tensor, stats: _LayerStats) -> float:
+    """Relative output error ||Y_hat - Y|| / ||Y|| on the data, from the sums alone."""
+    squared = stats.target_energy - 2 * float((theta * b).sum()) + float((theta * (a @ theta)).sum())
+    return math.sqrt(max(squared, 0.0) / stats.target_energy) if stats.target_energy > 0 else 0.0
+
+
+def _refit_pointwise(pair: _SeparableConvNd, stats: _LayerStats, ridge: float) -> tuple[float, float]:
+    a, b, current = _pointwise_system(pair, stats)
+    width = pair.pointwise.weight.shape[1]
+    theta = _ridge_solve(a, b, current, ridge, width)
+    with torch.no_grad():
+        weight = pair.pointwise.weight
+        weight.copy_(theta[:, :width].transpose(1, 2).reshape(weight.shape))
+        if pair.pointwise.bias is not None:
+            pair.pointwise.bias.copy_(theta[:, width].reshape(-1))
+    return _residual(a, b, current, stats), _residual(a, b, theta, stats)
+
+
+def _refit_depthwise(pair: _SeparableConvNd, stats: _LayerStats, ridge: float) -> None:
+    """Least squares for the depthwise filters with the pointwise weights and bias fixed."""
+    g = pair.groups
+    d = _depthwise_factors(pair)
+    mg, r, k = d.shape[1:]
+    p = pair.pointwise.weight.detach().double().reshape(g, -1, mg, r)  # (g, outputs, in per group, rank)
+    q = stats.gram.reshape(g, mg, k, mg, k)
+    # Y - bias = sum_{c,j,k} P[n,c,j] d[c,j,k] X[c,k]: the normal matrix is (P^T P) (x) (X X^T) entrywise.
+    ptp = torch.einsum("gncj,gndm->gcjdm", p, p)
+    a = torch.einsum("gcjdm,gckdl->gcjkdml", ptp, q).reshape(g, mg * r * k, mg * r * k)
+    cross = stats.cross
+    if pair.pointwise.bias is not None:
+        bias = pair.pointwise.bias.detach().double().reshape(g, 1, -1)
+        cross = cross - stats.feature_sum.unsqueeze(-1) * bias
+    b = torch.einsum("gncj,gckn->gcjk", p, cross.reshape(g, mg, k, -1)).reshape(g, -1, 1)
+    solution = _ridge_solve(a, b, d.reshape(g, -1, 1), ridge, a.shape[-1])
+    with torch.no_grad():
+        pair.depthwise.weight.copy_(solution.reshape(pair.depthwise.weight.shape))
+
+
+def _fit(pair: _SeparableConvNd, stats: _LayerStats, ridge: float, alternate: int, name: str) -> tuple[float, float]:
+    """Pointwise refit, then `alternate` rounds of depthwise + pointwise; (error before, error after)."""
+    if stats.count == 0:
+        return float("nan"), float("nan")
+    before, after = _refit_pointwise(pair, stats, ridge)
+    unknowns = pair.in_channels // pair.groups * pair.rank * stats.kernel
+    if alternate and unknowns > MAX_DEPTHWISE_UNKNOWNS:
+        warnings.warn(
+            f"layer {name!r}: refitting its depthwise filters means {unknowns} unknowns per group (more than "
+            f"{MAX_DEPTHWISE_UNKNOWNS}); only its pointwise weights were refitted",
+            stacklevel=3,
+        )
+        return before, after
+    for _ in range(alternate):
+        _refit_depthwise(pair, stats, ridge)
+        _, after = _refit_pointwise(pair, stats, ridge)
+    return before, after
+
+
+def _progress_bar(total: int, verbose: bool):
+    """A tqdm bar on stderr when asked for and stderr is a terminal; None otherwise (tqdm is optional)."""
+    if not verbose or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total or None, desc="calibrating", unit="batch", leave=False)
