@@ -17,12 +17,18 @@ with how much its error hurts (the objective); the allocation already trades one
 the other. The sum is additive over singular values, so one more rank in layer l lowers
 the objective by exactly that rank's share of the layer's energy.
 
-The greedy algorithm is the classic one for a multiple-choice knapsack: per layer, the
-lower convex hull of its (cost, error) options; all hull segments sorted by error removed
-per unit of cost; take each segment that still fits, in that order; then spend what is
-left on any single-layer move that fits and lowers the error most. Its error is at most
-the optimum plus the gain of one hull segment (the one the continuous relaxation would
-take in part). `brute_force` is the exact answer for small models, to measure the gap.
+`allocate` takes the better of two answers to this multiple-choice knapsack:
+- `greedy`, the classic one: per layer, the lower convex hull of its (cost, error) options;
+  all hull segments sorted by error removed per unit of cost; take each segment that still
+  fits, in that order; then spend what is left on any single-layer move that fits and lowers
+  the error most. Its error is at most the optimum plus the gain of one hull segment (the one
+  the continuous relaxation would take in part), but "keep" (error 0 at full cost) often lies
+  off the hull, and there greedy can miss by more than rounding.
+- `rounded_optimum`, a dynamic programme over layers with every cost rounded up to a multiple
+  of available / 4096: exact for the rounded costs, always within budget, and off the true
+  optimum only by the budget the rounding wastes (under one step per layer). Layers x options
+  x 4096 vectorised steps: milliseconds even for a ResNet-50.
+`brute_force` is the exact answer for small models, to measure both against.
 """
 
 from __future__ import annotations
@@ -119,11 +125,20 @@ def _lower_hull(choices: list[tuple[float, float, Optional[int]]]) -> list[tuple
     return hull
 
 
-def allocate(layers: Sequence[LayerOptions], available: float) -> Allocation:
-    """Greedy choice per layer: total cost <= available, total error as low as it finds.
+def allocate(layers: Sequence[LayerOptions], available: float, resolution: int = 4096) -> Allocation:
+    """One choice per layer: total cost <= available, total error as low as it finds.
 
-    Raises ValueError if even the cheapest option of every layer does not fit.
+    The better of the greedy (`greedy`) and of a dynamic programme over costs rounded up to
+    `available / resolution` (`rounded_optimum`). Raises ValueError if even the cheapest option
+    of every layer does not fit.
     """
+    found = greedy(layers, available)
+    rounded = rounded_optimum(layers, available, resolution)
+    return rounded if rounded is not None and rounded.error < found.error else found
+
+
+def greedy(layers: Sequence[LayerOptions], available: float) -> Allocation:
+    """Hull segments by error removed per unit of cost, then the leftover on the best single moves."""
     hulls = [_lower_hull(layer.choices()) for layer in layers]
     position = [0] * len(layers)
     spent = sum(hull[0][0] for hull in hulls)
@@ -162,6 +177,46 @@ def _spend_leftover(layers: Sequence[LayerOptions], choices: list[Optional[int]]
             return current
         choices[best[1]] = best[2]
         current = _summarise(layers, choices)
+
+
+def rounded_optimum(layers: Sequence[LayerOptions], available: float, resolution: int = 4096) -> Optional[Allocation]:
+    """The exact optimum once every cost is rounded up to a multiple of available / resolution.
+
+    Rounding up keeps the answer within budget; it can only miss the true optimum by the budget
+    the rounding wastes (less than one step per layer). None when nothing fits after rounding.
+    """
+    if available <= 0 or not layers:
+        return None
+    step = available / resolution
+    inf = float("inf")
+    best = torch.full((resolution + 1,), inf, dtype=torch.float64)  # best[b]: least error using exactly b steps
+    best[0] = 0.0
+    picks = []
+    for layer in layers:
+        options = layer.choices()
+        new = torch.full_like(best, inf)
+        pick = torch.full((resolution + 1,), -1, dtype=torch.int64)
+        for index, (cost, error, _) in enumerate(options):
+            steps = math.ceil(cost / step - 1e-9) if cost > 0 else 0
+            if steps > resolution:
+                continue
+            candidate = torch.full_like(best, inf)
+            candidate[steps:] = best[: resolution + 1 - steps] + error
+            better = candidate < new
+            new = torch.where(better, candidate, new)
+            pick = torch.where(better, torch.full_like(pick, index), pick)
+        picks.append((pick, options))
+        best = new
+    if not torch.isfinite(best).any():
+        return None
+    used = int(torch.argmin(best))
+    choices: list[Optional[int]] = []
+    for pick, options in reversed(picks):
+        index = int(pick[used])
+        cost = options[index][0]
+        used -= math.ceil(cost / step - 1e-9) if cost > 0 else 0
+        choices.append(options[index][2])
+    return _summarise(layers, choices[::-1])
 
 
 def brute_force(layers: Sequence[LayerOptions], available: float, limit: int = 2_000_000) -> Allocation:

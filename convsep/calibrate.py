@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # Above this many unknowns per group the depthwise refit's normal matrix gets too large (4096^2 float64 = 134 MB).
 MAX_DEPTHWISE_UNKNOWNS = 4096
-# Feature elements (float64) handled at once while accumulating, to bound memory on large activations.
-_CHUNK_ELEMENTS = 1 << 24
+# Feature elements handled at once while accumulating, to bound memory on large activations.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def calibrate(
@@ -101,29 +101,15 @@ def calibrate(
             warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
         progress = _progress_bar(len(order) * source.count if source.count else 0, verbose)
         results = {}
-        for pair_id in order:
-            layer = by_pair[pair_id]
-            stats = _LayerStats(layer.pair, patches=alternate > 0)
-            for inputs in source:
-                targets = _original_outputs(original, layer.weight, inputs, calls[pair_id])
-                sources = _pair_inputs(converted, layer.pair, inputs, calls[pair_id])
-                if len(targets) != len(sources):
-                    raise ConvsepValueError(
-                        f"layer {layer.decision.name!r} ran {len(sources)} times in the converted model and "
-                        f"{len(targets)} times in the original on the same batch: is `original` the model convert was given?"
-                    )
-                for x, y in zip(sources, targets):
-                    stats.add(x, y, layer.decision.name)
-                if progress is not None:
-                    progress.update()
-            before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
-            results[layer.decision.name] = {"before": before, "after": after}
-            message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
-            log.info("%s", message)
-            if verbose:
-                (progress.write if progress is not None else print)(message)
-        if progress is not None:
-            progress.close()
+        try:
+            for pair_id in order:  # in the order the model runs them, so each fit sees the ones before it
+                layer = by_pair[pair_id]
+                results[layer.decision.name] = _calibrate_layer(
+                    layer, calls[pair_id], original, converted, source, ridge, alternate, verbose, progress
+                )
+        finally:
+            if progress is not None:
+                progress.close()
     plan.calibration = {
         "batches": source.count,
         "samples": source.samples,
@@ -132,6 +118,29 @@ def calibrate(
         "layers": results,
     }
     return converted
+
+
+def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate, verbose, progress) -> dict:
+    """Accumulate one pair's sums over all batches, refit it, and say how its output error changed."""
+    stats = _LayerStats(layer.pair, patches=alternate > 0)
+    for inputs in source:
+        targets = _original_outputs(original, layer.weight, inputs, calls)
+        sources = _pair_inputs(converted, layer.pair, inputs, calls)
+        if len(targets) != len(sources):
+            raise ConvsepValueError(
+                f"layer {layer.decision.name!r} ran {len(sources)} times in the converted model and "
+                f"{len(targets)} times in the original on the same batch: is `original` the model convert was given?"
+            )
+        for x, y in zip(sources, targets):
+            stats.add(x, y, layer.decision.name)
+        if progress is not None:
+            progress.update()
+    before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
+    message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
+    log.info("%s", message)
+    if verbose:
+        (progress.write if progress is not None else print)(message)
+    return {"before": before, "after": after}
 
 
 def _check_arguments(converted, original, batches, ridge, alternate):
@@ -339,15 +348,21 @@ class _LayerStats:
                     f"layer {name!r}: the original layer's outputs {tuple(target.shape)} do not match the pair's "
                     f"{(features.shape[0], self.pair.out_channels, *features.shape[2:])}"
                 )
-            b = features.shape[0]
-            f = features.detach().reshape(b, self.groups, -1, features[0, 0].numel()).double()
-            t = target.detach().reshape(b, self.groups, -1, target[0, 0].numel()).double()
-            self.gram += torch.einsum("bgip,bgjp->gij", f, f)
-            self.cross += torch.einsum("bgip,bgnp->gin", f, t)
-            self.feature_sum += f.sum(dim=(0, 3))
-            self.target_sum += t.sum(dim=(0, 3))
-            self.count += b * f.shape[-1]
-            self.target_energy += float(t.square().sum())
+            # Products in the model's dtype (float32 sums over one chunk are accurate enough and twice
+            # as fast as float64), accumulated over chunks and batches in float64.
+            f = _by_group(features.detach(), self.groups)  # (groups, features per group, positions)
+            t = _by_group(target.detach().to(f.dtype), self.groups)
+            self.gram += torch.bmm(f, f.transpose(1, 2)).double()
+            self.cross += torch.bmm(f, t.transpose(1, 2)).double()
+            self.feature_sum += f.sum(dim=2).double()
+            self.target_sum += t.sum(dim=2).double()
+            self.count += f.shape[-1]
+            self.target_energy += float(t.double().square().sum())
+
+
+def _by_group(x: Tensor, groups: int) -> Tensor:
+    """(batch, channels, *positions) -> (groups, channels per group, batch x positions)."""
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1).permute(1, 2, 0, 3).reshape(groups, x.shape[1] // groups, -1)
 
 
 def _depthwise_factors(pair: _SeparableConvNd) -> Tensor:

@@ -118,3 +118,28 @@ def validate_budget(budget: object, budget_on: object, example_inputs: object, r
             "(per-layer overrides in ranks= still apply under a budget)"
         )
     return float(budget)
+
+
+def parse_rank(text: str, where: str = "--rank") -> RankSpec:
+    """A rank spec from command-line text: "full", an int, or an energy fraction like "0.9"."""
+    text = text.strip()
+    if text == "full":
+        return text
+    try:
+        value: Union[int, float] = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConvsepValueError(
+                f"{where} {text!r} is not a rank: use a positive int, 'full', or a float in (0, 1)"
+            ) from None
+    return validate_rank(value, where=where)
+
+
+def parse_rank_override(text: str) -> tuple[str, RankSpec]:
+    """("glob", rank spec) from "GLOB=RANK", the text of one --rank-for (the last "=" splits)."""
+    pattern, sep, rank = text.rpartition("=")
+    if not sep or not pattern.strip():
+        raise ConvsepValueError(f"--rank-for {text!r} must look like GLOB=RANK, e.g. 'layer3.*=2' or 'stem.conv=full'")
+    return pattern.strip(), parse_rank(rank, where=f"--rank-for {pattern.strip()}")

@@ -8,7 +8,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import convsep
-from convsep.budget import KEEP, LayerOptions, _lower_hull, allocate, brute_force, cheapest_cost, options_from_spectrum
+from convsep.budget import (
+    KEEP,
+    LayerOptions,
+    _lower_hull,
+    allocate,
+    brute_force,
+    cheapest_cost,
+    greedy,
+    options_from_spectrum,
+)
 from convsep.factorize import channel_svd, discarded_energy_fraction
 from convsep.models import small_cnn
 from helpers import assert_bitwise_equal, snapshot
@@ -73,12 +82,27 @@ def _largest_hull_step(layers):
 def test_greedy_is_feasible_and_within_one_hull_step_of_the_optimum(layers, share):
     low, high = cheapest_cost(layers), sum(layer.keep_cost for layer in layers)
     available = low + share * (high - low)
-    greedy = allocate(layers, available)
+    found = greedy(layers, available)
     exact = brute_force(layers, available)
-    assert greedy.cost <= available
-    assert exact.error <= greedy.error + 1e-12
-    assert greedy.error <= exact.error + _largest_hull_step(layers) + 1e-12
-    assert greedy.error == pytest.approx(sum(layer.error_of(c) for layer, c in zip(layers, greedy.choices)))
+    assert found.cost <= available
+    assert exact.error <= found.error + 1e-12
+    assert found.error <= exact.error + _largest_hull_step(layers) + 1e-12
+    assert found.error == pytest.approx(sum(layer.error_of(c) for layer, c in zip(layers, found.choices)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(layer_options(), min_size=1, max_size=4), st.floats(0.0, 1.0), st.sampled_from([16, 64, 4096]))
+def test_allocation_beats_greedy_and_the_optimum_of_a_budget_short_by_the_rounding(layers, share, resolution):
+    low, high = cheapest_cost(layers), sum(layer.keep_cost for layer in layers)
+    available = low + share * (high - low)
+    chosen = allocate(layers, available, resolution)
+    assert chosen.cost <= available
+    assert chosen.error <= greedy(layers, available).error + 1e-12
+    assert brute_force(layers, available).error <= chosen.error + 1e-12
+    # Rounding each cost up wastes under one step per layer, so every answer that leaves that much unused is matched.
+    shorter = available - len(layers) * available / resolution
+    if shorter >= low:
+        assert chosen.error <= brute_force(layers, shorter).error + 1e-12
 
 
 def test_greedy_is_exact_at_both_ends():
@@ -121,6 +145,7 @@ def test_params_budget_needs_no_inputs(cnn, budget):
 
 
 def test_budget_choice_is_close_to_the_exhaustive_optimum_on_a_small_model(cnn):
+    """The choice convert makes, priced independently from the model's shapes and spectra."""
     model, x = cnn
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     total = macs(model, x)
@@ -241,3 +266,45 @@ def test_energy_rank_is_the_smallest_rank_keeping_the_fraction(fraction):
         assert decision.relative_error == pytest.approx(math.sqrt(1 - kept[smallest - 1]), rel=1e-5)
     else:
         assert not decision.converted and "would not save MACs" in decision.reason
+
+
+def test_budget_measures_functional_convs_too():
+    from zoo import FunctionalConvNet
+
+    torch.manual_seed(0)
+    model, x = FunctionalConvNet().eval(), torch.randn(1, 3, 12, 12)
+    converted = convsep.convert(model, budget=0.5, example_inputs=x)
+    assert macs(converted, x) <= 0.5 * macs(model, x)
+    assert converted.convsep_plan.budget["reached"] == pytest.approx(macs(converted, x) / macs(model, x))
+
+
+# --- command-line text (for --rank, --rank-for) ------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [("1", 1), (" 3 ", 3), ("full", "full"), ("0.9", 0.9), (".5", 0.5)])
+def test_rank_text_parses(text, expected):
+    from convsep.ranks import parse_rank
+
+    assert parse_rank(text) == expected and type(parse_rank(text)) is type(expected)
+
+
+@pytest.mark.parametrize("text, match", [("half", "'half' is not a rank"), ("0", "--rank=0"), ("1.0", "--rank=1.0"), ("-0.5", "-0.5")])
+def test_bad_rank_text_is_refused(text, match):
+    from convsep.ranks import parse_rank
+
+    with pytest.raises(convsep.ConvsepValueError, match=match):
+        parse_rank(text)
+
+
+def test_rank_override_text_parses_and_feeds_convert():
+    from convsep.ranks import parse_rank_override
+
+    assert parse_rank_override("layer3.*=2") == ("layer3.*", 2)
+    assert parse_rank_override("stem.conv=full") == ("stem.conv", "full")
+    assert parse_rank_override("a=b=0.8") == ("a=b", 0.8)
+    for bad, match in (("layer3", "GLOB=RANK"), ("=2", "GLOB=RANK"), ("x=0", "--rank-for x=0")):
+        with pytest.raises(convsep.ConvsepValueError, match=match):
+            parse_rank_override(bad)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    plan = convsep.convert(model, ranks=dict(map(parse_rank_override, ["1=2", "0=full"]))).convsep_plan
+    assert {d.name: d.rank for d in plan.layers} == {"0": 9, "1": 2}
