@@ -11,6 +11,7 @@ from .errors import (
 )
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
+from .report import Report, report
 from .version import __version__
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "Report",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
     "convert",
+    "report",
 ]

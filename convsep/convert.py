@@ -24,6 +24,8 @@ from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
 from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
+from .probe import example_args
+from .report import report
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_rank
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .trace import FunctionalConv, discover, parameter, rewrite
@@ -55,6 +57,8 @@ def convert(
     exclude: Patterns = None,
     inplace: bool = False,
     ranks: Optional[dict[str, RankSpec]] = None,
+    example_inputs: Any = None,
+    verbose: bool = False,
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -66,6 +70,8 @@ def convert(
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
     ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
         then the first glob that matches.
+    example_inputs, verbose: with verbose=True, print the before-and-after report on these inputs
+        (a tensor or a tuple of tensors; see convsep.report), or the plan's summary without them.
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
@@ -77,6 +83,10 @@ def convert(
     if init not in INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
     selection = LayerFilter(include, exclude)
+    if example_inputs is not None:
+        example_args(example_inputs)  # a bad value fails now, not after the work
+    wants_report = verbose and example_inputs is not None
+    original = copy.deepcopy(model) if inplace and wants_report else model
     work = model if inplace else copy.deepcopy(model)
 
     found = discover(work)
@@ -99,6 +109,8 @@ def convert(
     )
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
+    if verbose:
+        print(report(original, work, example_inputs) if wants_report else plan.summary())
     return work
 
 
