@@ -4,7 +4,8 @@ Whole-model time comes from plain passes (no hooks, so nothing of ours is timed)
 per-layer time from forward pre/post hooks on the listed layers in separate passes.
 The two kinds of pass alternate, so a burst of load on the machine hits both alike,
 and each figure is the median over the runs after a warm-up (first calls pay for
-allocations and kernel selection). Eval mode under inference_mode, like the counting.
+allocations and kernel selection). Eval mode under inference_mode, as deployed models run
+(the counting pass in probe.py has already run by then, so lazy layers are initialised).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ and a torch-function mode records the functional convolutions (`F.conv2d(x, self
 which have no module to hook. Hooks on every module also remember which one was
 running when a bad input broke the pass, so the error can name that layer.
 
-The pass runs in eval mode under inference_mode: counting must not move BatchNorm
-statistics or build autograd graphs; training flags are restored afterwards.
+The pass runs in eval mode under no_grad: counting must not move BatchNorm statistics
+or build autograd graphs; training flags are restored afterwards. Not inference_mode:
+tensors a model creates and keeps on its first call (lazy parameters, caches) would
+become inference tensors that training can no longer use.
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ class _FunctionalConvRecorder(TorchFunctionMode):
             named = dict(zip(_CONV_ARG_NAMES, args), **kwargs)
             weight = named.get("weight")
             if id(weight) in self.watched:
-                call = Call(tuple(named["input"].shape), tuple(out.shape), 0, named.get("groups", 1), named.get("bias") is not None)
-                self.record(id(weight), call)
+                shapes = tuple(named["input"].shape), tuple(out.shape)
+                self.record(id(weight), Call(*shapes, 0, named.get("groups", 1), named.get("bias") is not None))
         return out
 
 
@@ -140,14 +142,15 @@ def probe(
         result.calls.setdefault(key, []).append(call)
 
     def shape_hook(module, inputs, output):
-        record(id(module), Call(tuple(inputs[0].shape), tuple(output.shape), 0))
+        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
+            record(id(module), Call(tuple(inputs[0].shape), tuple(output.shape), 0))
 
     watched = {id(w) for w in weights}
     handles = [m.register_forward_hook(shape_hook) for m in {id(m): m for m in modules}.values()]
     tracker = _Tracker(model)
     recorder = _FunctionalConvRecorder(watched, record) if watched else contextlib.nullcontext()
     try:
-        with eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter, recorder:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter, recorder:
             model(*args)
         result.flops = counter.get_total_flops()
     except ConvsepError:
@@ -189,9 +192,10 @@ def _expected_input(model: nn.Module) -> str:
         if isinstance(module, (_ConvNd, _SeparableConvNd)):
             dims = len(module.kernel_size)
             spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[dims]
+            channels = module.in_channels
             return (
-                f", which expects (batch, {module.in_channels}, {spatial}){dtype_text} inputs"
-                f" (its first convolution, {name}, is a {type(module).__name__} with {module.in_channels} input channels)"
+                f", which expects (batch, {channels}, {spatial}){dtype_text} inputs"
+                f" (its first convolution, {name}, is a {type(module).__name__} with {channels} input channels)"
             )
     return f", which expects{dtype_text} inputs" if dtype_text else ""
 
@@ -199,4 +203,8 @@ def _expected_input(model: nn.Module) -> str:
 def functional_weights(model: nn.Module) -> dict[str, Tensor]:
     """Qualified name -> parameter, for every parameter a functional conv could use: the ones no conv module owns."""
     owned = {id(p) for m in model.modules() if isinstance(m, _ConvNd) for p in m.parameters(recurse=False)}
-    return {name: p for name, p in model.named_parameters() if p.dim() >= 3 and id(p) not in owned}
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if id(p) not in owned and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 3
+    }

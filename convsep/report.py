@@ -80,7 +80,8 @@ class _Site:
         total = 0
         for call in calls:
             if self.is_pair:
-                total += separable_macs(m.out_channels, m.in_channels, k, m.groups, m.rank, positions(call.output_shape, dims))
+                where = positions(call.output_shape, dims)
+                total += separable_macs(m.out_channels, m.in_channels, k, m.groups, m.rank, where)
             elif m is not None:
                 # A transposed conv meets every *input* position with the whole kernel (FlopCounterMode agrees).
                 shape = call.input_shape if isinstance(m, _ConvTransposeNd) else call.output_shape
@@ -95,7 +96,8 @@ class _Site:
         if self.is_pair:
             m = self.module
             dtype = compute_dtype(m.depthwise.weight.dtype)
-            return compose(m.depthwise.weight.detach().to(dtype), m.pointwise.weight.detach().to(dtype), m.groups, m.rank)
+            depthwise, pointwise = m.depthwise.weight.detach().to(dtype), m.pointwise.weight.detach().to(dtype)
+            return compose(depthwise, pointwise, m.groups, m.rank)
         weight = self.module.weight if self.module is not None else self.weight
         return weight.detach().to(compute_dtype(weight.dtype))
 
@@ -188,7 +190,8 @@ def _functional_layers_seen(layers, before_weights, after_weights, probes, plann
         if not ran or any(s.key in listed for s in ran):
             continue
         reason = "not in the conversion plan (fx could not trace the code that calls it)" if planned else ""
-        extra.append(_Layer(name=name, kind=f"F.conv{ran[0].weight.dim() - 2}d", converted=False, before=b, after=a, reason=reason, module=name))
+        kind = f"F.conv{ran[0].weight.dim() - 2}d"
+        extra.append(_Layer(name=name, kind=kind, converted=False, before=b, after=a, reason=reason, module=name))
     return extra
 
 
@@ -208,7 +211,7 @@ def report(
     latency: also time both models, in total and per listed layer (median of `latency_runs` runs
         after `latency_warmup`; costs about 2 x latency_runs + latency_warmup passes per model).
 
-    Neither model is modified (both run in eval mode under inference_mode; training flags are restored).
+    Neither model is modified (both run in eval mode without autograd; training flags are restored).
     Raises InputShapeError, naming the layer where it failed, when the inputs do not fit a model.
     """
     for label, model in (("before", before), ("after", after)):
@@ -453,13 +456,11 @@ class Report:
     def _render(self, tablefmt: str, wrap: bool, line_break: str = "\n") -> str:
         layer_headers, layer_rows = self._layer_table(wrap)
         total_headers, total_rows = self._totals_table()
-        parts = [
-            line_break.join(self.header_lines()),
-            tabulate(layer_rows, layer_headers, tablefmt=tablefmt, disable_numparse=True) if layer_rows else "(no convolutions)",
-            tabulate(total_rows, total_headers, tablefmt=tablefmt, disable_numparse=True, colalign=("left", "right", "right", "right")),
-            CONVENTIONS,
-        ]
-        return "\n\n".join(parts)
+        layers = tabulate(layer_rows, layer_headers, tablefmt=tablefmt, disable_numparse=True)
+        totals = tabulate(total_rows, total_headers, tablefmt=tablefmt, disable_numparse=True, colalign=_TOTALS_ALIGN)
+        header = line_break.join(self.header_lines())
+        footer = textwrap.fill(CONVENTIONS, 110) if wrap else CONVENTIONS
+        return "\n\n".join([header, layers if layer_rows else "(no convolutions)", totals, footer])
 
     def __str__(self) -> str:
         return self._render("simple", wrap=True)
@@ -474,14 +475,15 @@ class Report:
 
     def to_csv(self) -> str:
         """One line per convolution, then one for the whole model (name "(whole model)", kind "total")."""
-        fields = list(self.rows[0]) if self.rows else [k for k in _CSV_TOTAL_FIELDS if k in self.totals or k in ("name", "kind")]
+        totals = [k for k in _CSV_TOTAL_FIELDS if k in self.totals]
+        fields = list(self.rows[0]) if self.rows else ["name", "kind", *totals]
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: (_shape(v) if isinstance(v, list) else ("" if v is None else v)) for k, v in row.items()})
+            writer.writerow({k: _shape(v) if isinstance(v, list) else ("" if v is None else v) for k, v in row.items()})
         total = {"name": "(whole model)", "kind": "total"}
-        total.update({k: self.totals[k] for k in _CSV_TOTAL_FIELDS if k in self.totals and k in fields})
+        total.update({k: self.totals[k] for k in totals if k in fields})
         writer.writerow(total)
         return out.getvalue()
 
@@ -493,7 +495,8 @@ class Report:
         return renderers[fmt]()
 
 
+_TOTALS_ALIGN = ("left", "right", "right", "right")
 _CSV_TOTAL_FIELDS = (
-    "name", "kind", "params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after",
+    "params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after",
     "latency_before_ms", "latency_after_ms",
 )  # fmt: skip

@@ -207,7 +207,8 @@ def test_functional_convs_get_rows_with_the_closed_form():
     assert stem["kind"] == "F.conv2d" and stem["converted"]
     assert stem["shape_in"] == [2, 3, 12, 12] and stem["shape_out"] == [2, 8, 12, 12]
     assert stem["macs_before"] == 2 * 144 * 8 * 3 * 9 and stem["macs_after"] == 2 * 144 * (3 * 9 + 8 * 3)
-    assert stem["params_before"] == 8 * 3 * 9 + 8
+    assert stem["params_before"] == 8 * 3 * 9 + 8 and stem["params_after"] == 3 * 9 + 8 * 3 + 8
+    assert stem["weight_error"] == pytest.approx(converted.convsep_plan.layers[0].relative_error, rel=1e-5)
     # Without a plan, a functional conv on a parameter is still found, by running the model.
     plain = convsep.report(model, model, x)
     assert row(plain, "stem_weight")["macs_before"] == stem["macs_before"]
@@ -287,7 +288,7 @@ def test_formats_parse_back():
     assert parsed[-1]["name"] == "(whole model)" and int(parsed[-1]["flops_after"]) == report.totals["flops_after"]
 
     table = report.render("table")
-    assert table == str(report) and "MACs = multiply-accumulates; FLOPs = 2 x MACs" in table
+    assert table == str(report) and "MACs = multiply-accumulates; FLOPs = 2 x MACs; bias adds are not counted" in table
     assert f"{report.totals['macs_before']:,}" in table
     with pytest.raises(convsep.ConvsepValueError, match="'xml'"):
         report.render("xml")
@@ -380,3 +381,12 @@ def test_a_tuple_of_inputs_is_passed_as_positional_arguments():
     assert report.totals["flops_after"] == flop_counter(converted, inputs).get_total_flops()
     assert row(report, "b")["macs_before"] == 2 * 25 * 4 * 2 * 9
     assert "(2, 3, 7, 7) float32, (2, 2, 7, 7) float32" in str(report)
+
+
+def test_lazy_layers_initialised_by_the_report_stay_trainable():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    x = torch.randn(1, 3, 8, 8)
+    report = convsep.report(model, model, x, latency=True, latency_runs=1)
+    assert row(report, "0")["macs_before"] == 36 * 4 * 3 * 9
+    model(x).sum().backward()  # inference tensors (had the pass run under inference_mode) would refuse this
+    assert model[0].weight.grad is not None
