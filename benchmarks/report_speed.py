@@ -6,7 +6,7 @@ the converted model, of FlopCounterMode over one pass of each, and of
 `convsep.report(before, after, x)` (which runs one counted pass of each model). The
 measurements of one repeat run back to back, so load on the machine hits them alike.
 
-    python benchmarks/report_speed.py [--repeats 3] [--models resnet18 vgg16]
+    python benchmarks/report_speed.py [--repeats 3] [--threads 2] [--models resnet18 vgg16]
 
 Prints a table and writes benchmarks/results/report_speed.json.
 """
@@ -49,6 +49,10 @@ def machine() -> dict:
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg()[0],
     }
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
 
 
 def seconds(fn) -> float:
@@ -97,8 +101,11 @@ def measure(name: str, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--models", nargs="+", default=[n for n in ZOO if n != "small_cnn"], choices=sorted(ZOO))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     info = machine()
     results = {name: measure(name, args.repeats) for name in args.models}
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     headers = ["model (224x224, batch 1)", "forward before ms", "forward after ms", "FlopCounterMode before ms",
                "FlopCounterMode after ms", "report ms", "report / 2 forwards", "report / 2 FlopCounterModes"]  # fmt: skip
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({_threads(info['torch_threads'])}), "
         f"load average {info['load_average_at_start']:.1f} -> {info['load_average_at_end']:.1f}; "
         f"median of {args.repeats} after a warm-up; converted at rank 1"
     )

@@ -412,7 +412,8 @@ class Report:
         if self.has_latency:
             lat = h["latency"]
             lines.append(
-                f"Latency on {lat['device']}, {lat['threads']} threads: median of {lat['runs']} runs after "
+                f"Latency on {lat['device']}, {lat['threads']} thread{'s' if lat['threads'] != 1 else ''}: "
+                f"median of {lat['runs']} run{'s' if lat['runs'] != 1 else ''} after "
                 f"{lat['warmup']} warm-up; per layer from forward pre/post hooks."
             )
         return lines
