@@ -1,5 +1,6 @@
 """convsep: turn the standard convolutions of a trained PyTorch model into depthwise-separable ones."""
 
+from .checkpoint import Checkpoint, load, save
 from .convert import convert
 from .errors import (
     CheckpointError,
@@ -8,12 +9,14 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
+    OptionalDependencyError,
 )
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
 from .version import __version__
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConversionPlan",
@@ -22,9 +25,12 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "OptionalDependencyError",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
     "convert",
+    "load",
+    "save",
 ]
