@@ -202,11 +202,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sourc
         hint = ""
         if unexpected and all(k.startswith("module.") for k in unexpected):
             hint = " (keys start with 'module.': saved from DataParallel/DistributedDataParallel; save model.module instead)"
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {'; '.join(problems)}{hint}")
+        raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}): {'; '.join(problems)}{hint}")
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {_first_line(error)}") from None
+        raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}): {_first_line(error)}") from None
 
 
 def check_destination(path: PathLike, *, overwrite: bool, sources: tuple[PathLike, ...] = ()) -> None:
@@ -221,6 +221,8 @@ def check_destination(path: PathLike, *, overwrite: bool, sources: tuple[PathLik
     if path.exists() and not overwrite:
         raise CheckpointError(f"the output {shown} exists: pass --force (overwrite) to replace it, or choose another name")
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot write {shown}: {str(folder)!r} is a file, not a folder")
     if not folder.is_dir():
         raise CheckpointError(f"cannot write {shown}: the folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
