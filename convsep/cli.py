@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import os
 import sys
 import textwrap
 import warnings
@@ -55,7 +57,7 @@ def _convert(args: argparse.Namespace) -> int:
         _print_summary(before, converted, args.format)
         _note("pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report")
     else:
-        _print_report(before, converted, x, args.format, args.latency)
+        _print_report(before, converted, x, args.format, args.latency, original_weights=loaded.original_weights)
     _note(f"wrote {args.output} ({len(plan.converted)} of {len(plan.layers)} convolutions converted)")
     return 0
 
@@ -73,7 +75,8 @@ def _report(args: argparse.Namespace) -> int:
         _print_summary(before, after, args.format)
         _note("pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report")
         return 0
-    _print_report(before, after, _example_input(after, shape), args.format, args.latency)
+    x = _example_input(after, shape)
+    _print_report(before, after, x, args.format, args.latency, original_weights=loaded.original_weights)
     return 0
 
 
@@ -247,6 +250,11 @@ class _Loaded:
     original: Optional[nn.Module]  # the original architecture: the same model, or for a converted
     # checkpoint a fresh one from --model (its weights are the factory's); None when unknown
 
+    @property
+    def original_weights(self) -> bool:
+        """Whether `original` holds the trained weights (a converted checkpoint keeps only the converted ones)."""
+        return not self.checkpoint.converted
+
 
 def _load(path: str, model_spec: Optional[str], *, trust_pickle: bool) -> _Loaded:
     """Read a checkpoint and build the model it holds, with --model naming the architecture."""
@@ -291,13 +299,25 @@ def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def _print_report(before: nn.Module, after: nn.Module, x: torch.Tensor, fmt: str, latency: bool) -> None:
-    """convsep.report(...).render(fmt) on stdout; the plan summary while the report is not part of this build."""
+def _print_report(
+    before: nn.Module, after: nn.Module, x: torch.Tensor, fmt: str, latency: bool, *, original_weights: bool = True
+) -> None:
+    """convsep.report(...).render(fmt) on stdout; the plan summary while the report is not part of this build.
+
+    original_weights=False: `before` has the original architecture but not its trained weights, so
+    weight errors must come from the conversion plan, not from comparing kernels.
+    """
     report = getattr(importlib.import_module(__package__), "report", None)
     if not callable(report):
         _print_summary(before, after, fmt)
         return
-    print(report(before, after, x, latency=latency).render(fmt))
+    options = {"latency": latency}
+    if not original_weights:
+        if "original_weights" in inspect.signature(report).parameters:
+            options["original_weights"] = False
+        else:
+            _note("the original weights are not in the checkpoint: weight errors compare with --model's initial weights")
+    print(report(before, after, x, **options).render(fmt))
 
 
 def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:
@@ -354,6 +374,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt:
             print("convsep: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `convsep report ... | head`: the reader left; say nothing more
+            _silence_stdout()
+            return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured, replaced)
+        pass
 
 
 if __name__ == "__main__":

