@@ -1,5 +1,6 @@
 """convsep: turn the standard convolutions of a trained PyTorch model into depthwise-separable ones."""
 
+from .checkpoint import Checkpoint, load, save
 from .convert import convert
 from .errors import (
     CheckpointError,
@@ -8,6 +9,7 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
+    OptionalDependencyError,
 )
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
@@ -15,6 +17,7 @@ from .report import Report, report
 from .version import __version__
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConversionPlan",
@@ -23,11 +26,14 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "OptionalDependencyError",
     "Report",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
     "convert",
+    "load",
     "report",
+    "save",
 ]

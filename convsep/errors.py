@@ -27,3 +27,7 @@ class CheckpointNotFoundError(ConvsepError, FileNotFoundError):
 
 class InputShapeError(ConvsepError, ValueError):
     """Example inputs do not fit the model."""
+
+
+class OptionalDependencyError(ConvsepError, ImportError):
+    """A feature needs an optional extra that is not installed (the message names it)."""

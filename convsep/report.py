@@ -203,6 +203,7 @@ def report(
     latency: bool = False,
     latency_runs: int = 5,
     latency_warmup: int = 1,
+    original_weights: bool = True,
 ) -> "Report":
     """Compare `before` (the original model) with `after` (its conversion) on one forward pass each.
 
@@ -210,6 +211,9 @@ def report(
         these inputs: a batch of B counts B samples (the header says which).
     latency: also time both models, in total and per listed layer (median of `latency_runs` runs
         after `latency_warmup`; costs about 2 x latency_runs + latency_warmup passes per model).
+    original_weights: False when `before` has the original architecture but not its trained weights
+        (a converted checkpoint read back with a freshly built model): weight errors then come from
+        the conversion plan instead of comparing kernels.
 
     Neither model is modified (both run in eval mode without autograd; training flags are restored).
     Raises InputShapeError, naming the layer where it failed, when the inputs do not fit a model.
@@ -239,7 +243,7 @@ def report(
             modules = [s.module for s in sites if s is not None and s.module is not None]
             timings.append(latency_timer.measure(model, args, modules, runs=latency_runs, warmup=latency_warmup))
 
-    rows = [_row(layer, probes, timings) for layer in _in_execution_order(layers, probes)]
+    rows = [_row(layer, probes, timings, original_weights) for layer in _in_execution_order(layers, probes)]
     totals = _totals(before, after, probes, timings)
     header = _header(plan, layers, args, timings, latency_runs, latency_warmup)
     return Report(rows, totals, header)
@@ -257,7 +261,7 @@ def _in_execution_order(layers: list[_Layer], probes: list[Probe]) -> list[_Laye
     return [layer for _, layer in sorted(enumerate(layers), key=first_call)]
 
 
-def _row(layer: _Layer, probes: list[Probe], timings) -> dict[str, Any]:
+def _row(layer: _Layer, probes: list[Probe], timings, original_weights: bool) -> dict[str, Any]:
     sides = []
     for side, site in enumerate((layer.before, layer.after)):
         calls = probes[side].calls.get(site.key, []) if site is not None else []
@@ -287,7 +291,7 @@ def _row(layer: _Layer, probes: list[Probe], timings) -> dict[str, Any]:
         "flops_before": None if macs_before is None else 2 * macs_before,
         "flops_after": None if macs_after is None else 2 * macs_after,
     }
-    row["weight_error"], row["weight_error_source"] = _weight_error(layer)
+    row["weight_error"], row["weight_error_source"] = _weight_error(layer, original_weights)
     if timings is not None:
         for side, (s, _) in enumerate(sides):
             seconds = timings[side].layers.get(s.key) if s is not None and s.module is not None else None
@@ -295,11 +299,11 @@ def _row(layer: _Layer, probes: list[Probe], timings) -> dict[str, Any]:
     return row
 
 
-def _weight_error(layer: _Layer) -> tuple[Optional[float], Optional[str]]:
+def _weight_error(layer: _Layer, original_weights: bool) -> tuple[Optional[float], Optional[str]]:
     """||W - W'|| / ||W|| from the weights as they are now; the plan's figure when the original is not at hand."""
     if not layer.converted:
         return None, None
-    if layer.before is not None and layer.after is not None and layer.after.is_pair:
+    if original_weights and layer.before is not None and layer.after is not None and layer.after.is_pair:
         with torch.no_grad():
             original, now = layer.before.dense_kernel(), layer.after.dense_kernel()
             if original.shape == now.shape:

@@ -251,6 +251,18 @@ def test_weight_error_is_measured_on_the_current_weights():
     assert row(moved, "2")["weight_error"] == pytest.approx(row(fresh, "2")["weight_error"])
 
 
+def test_without_the_original_weights_the_errors_come_from_the_plan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    converted = convsep.convert(model, rank=1)
+    fresh = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()  # as rebuilt from --model
+    report = convsep.report(fresh, converted, torch.randn(1, 4, 10, 10), original_weights=False)
+    for r, d in zip(report.rows, converted.convsep_plan.layers):
+        assert (r["weight_error"], r["weight_error_source"]) == (d.relative_error, "plan")
+    compared = convsep.report(fresh, converted, torch.randn(1, 4, 10, 10))
+    assert row(compared, "0")["weight_error"] > 0.9  # against unrelated kernels: what the option avoids
+
+
 def test_the_models_are_left_as_they_were():
     torch.manual_seed(0)
     model = small_cnn(width=8).train()
