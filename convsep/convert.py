@@ -27,10 +27,15 @@ from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
 from .probe import example_args
 from .report import report
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_rank
+from .speed import drop_slower_pairs, model_seconds
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .trace import FunctionalConv, discover, parameter, rewrite
 
 log = logging.getLogger(__name__)
+
+OBJECTIVES = ("macs", "latency")
+LATENCY_RUNS = 7  # timed passes per comparison (median), after warm-up
+LATENCY_MARGIN = 0.05  # a pair must be this much faster than its conv to be worth the change
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Candidate:
     conv: _ConvNd  # the module itself, or a stand-in sharing a functional conv's parameters
     site: Optional[FunctionalConv] = None  # set for functional convs
     svd: Optional[ChannelSVD] = None
+    pair: Optional[nn.Module] = None  # the replacement, once built
 
     def spectrum(self) -> ChannelSVD:
         if self.svd is None:
@@ -59,6 +65,7 @@ def convert(
     ranks: Optional[dict[str, RankSpec]] = None,
     example_inputs: Any = None,
     verbose: bool = False,
+    objective: str = "macs",
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -68,6 +75,10 @@ def convert(
     init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
     include / exclude: glob patterns on qualified names, or a callable (name, module) -> bool.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
+    objective: "macs" (convert wherever the rank saves MACs) or "latency" (with example_inputs: time
+        each layer and its pair on this device and input shape, convert only where the pair is
+        measured faster, then revert layers until the whole model is measured faster than the
+        original; functional convs are not timed and stay as they are).
     ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
         then the first glob that matches.
     example_inputs, verbose: with verbose=True, print the before-and-after report on these inputs
@@ -85,8 +96,13 @@ def convert(
     selection = LayerFilter(include, exclude)
     if example_inputs is not None:
         example_args(example_inputs)  # a bad value fails now, not after the work
+    if objective not in OBJECTIVES:
+        raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
+    if objective == "latency" and example_inputs is None:
+        raise ConvsepValueError("objective='latency' needs example_inputs: the timings depend on the input shape")
     wants_report = verbose and example_inputs is not None
-    original = copy.deepcopy(model) if inplace and wants_report else model
+    needs_original = wants_report or objective == "latency"
+    original = copy.deepcopy(model) if inplace and needs_original else model
     work = model if inplace else copy.deepcopy(model)
 
     found = discover(work)
@@ -96,7 +112,10 @@ def convert(
         _assign_rank(candidate, overrides.get(candidate.decision.name, rank), init)
     overrides.warn_unmatched()
     chosen = [c for c in candidates if c.decision.converted]
-    work = _apply(work, chosen, found, use_svd=init == "svd")
+    if objective == "latency":
+        work = _faster_only(original, work, chosen, example_args(example_inputs), found, init)
+    else:
+        work = _apply(work, chosen, found, use_svd=init == "svd")
 
     previous = plan_of(model)
     plan = ConversionPlan(
@@ -287,7 +306,7 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
         svd = candidate.spectrum() if use_svd else None
-        pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
+        pair = candidate.pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
         if site is None:
             swaps[id(conv)] = pair
         else:
@@ -300,6 +319,36 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn
         else:
             swaps[id(module)] = gm
     return _swap(root, swaps)
+
+
+def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:
+    """objective='latency': apply only the pairs measured faster, then revert until the whole model is faster."""
+    for candidate in chosen:
+        if candidate.site is not None:
+            candidate.decision.converted = False
+            candidate.decision.reason = "objective='latency' times module convs only; this functional conv stays"
+    chosen = [c for c in chosen if c.site is None]
+
+    def timing_pair(candidate: Candidate) -> nn.Module:  # same shapes and cost; its weights do not matter
+        return SEPARABLE_FOR_DIMS[candidate.conv.weight.dim() - 2]._build(candidate.conv, candidate.decision.rank)
+
+    gains = drop_slower_pairs(chosen, work, args, timing_pair, LATENCY_RUNS, LATENCY_MARGIN)
+    chosen = [c for c in chosen if c.decision.converted]
+    work = _apply(work, chosen, found, use_svd=init == "svd")
+    least_gain_first = sorted(chosen, key=lambda c: gains[id(c)])
+    while least_gain_first:
+        before, after = model_seconds(original, work, args, LATENCY_RUNS)
+        if after < before:
+            break
+        candidate = least_gain_first.pop(0)
+        work = _swap(work, {id(candidate.pair): candidate.conv})
+        candidate.decision.converted = False
+        candidate.decision.relative_error = None
+        candidate.decision.reason = (
+            f"kept for speed: with it converted the whole model took {after * 1e3:.2f} ms "
+            f"against {before * 1e3:.2f} ms for the original"
+        )
+    return work
 
 
 def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:
