@@ -1,6 +1,7 @@
 """convsep: turn the standard convolutions of a trained PyTorch model into depthwise-separable ones."""
 
 from .calibrate import calibrate
+from .checkpoint import Checkpoint, load, save
 from .convert import convert
 from .errors import (
     CheckpointError,
@@ -9,13 +10,15 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
-    MissingExtraError,
+    OptionalDependencyError,
 )
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
+from .report import Report, report
 from .version import __version__
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConversionPlan",
@@ -24,11 +27,15 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
-    "MissingExtraError",
+    "OptionalDependencyError",
+    "Report",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
     "calibrate",
     "convert",
+    "load",
+    "report",
+    "save",
 ]

@@ -1,58 +1,216 @@
-"""The convsep command line: `convsep demo` (more commands arrive with the CLI issue).
+"""The convsep command line: `convsep convert | report | demo`, and `python -m convsep` the same.
 
-main(argv) returns the exit code: 0 ok, 1 failure, 2 usage. Errors of ours become one
-line on stderr, never a traceback.
+main(argv) returns the exit code: 0 ok, 1 failure, 2 usage (what argparse rejects). Errors of
+ours become one line on stderr, never a traceback; warnings become `convsep: warning:` lines.
+One function per subcommand; the helpers below them (reading a checkpoint with a model
+factory, parsing input shapes, printing the report) are shared, so new subcommands and
+flags reuse them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import json
+import os
 import sys
+import textwrap
+import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
+from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
-from .errors import ConvsepError
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError
+from .imports import resolve_callable
 from .models import ZOO
+from .plan import plan_of
 from .version import __version__
+
+FORMATS = ("table", "markdown", "json", "csv")
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def _convert(args: argparse.Namespace) -> int:
+    check_destination(args.output, overwrite=args.force, sources=(args.input,))
+    loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+    shape = args.input_shape or loaded.checkpoint.input_shape
+    x = _example_input(loaded.model, shape) if shape else None
+    previous = plan_of(loaded.model)
+    converted = convert(loaded.model, rank=args.rank, init=args.init, include=args.include, exclude=args.exclude)
+    plan = converted.convsep_plan
+    considered = len(plan.layers) - (len(previous.converted) if previous else 0)
+    newly_converted = len(plan.converted) - (len(previous.converted) if previous else 0)
+    if considered == 0:
+        _warn(f"{args.input} has no convolution convsep can convert; {args.output} holds the same weights")
+    elif newly_converted == 0:
+        _warn(f"no convolution of {args.input} was converted (reasons below); {args.output} holds the same weights")
+    save(converted, args.output, input_shape=shape)
+    before = loaded.original if loaded.original is not None else loaded.model
+    if x is None:
+        _print_summary(before, converted, args.format)
+        _note("pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report")
+    else:
+        _print_report(before, converted, x, args.format, args.latency, original_weights=loaded.original_weights)
+    _note(f"wrote {args.output} ({len(plan.converted)} of {len(plan.layers)} convolutions converted)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+    after = loaded.model
+    before = loaded.original
+    if before is None:
+        before = after
+        if loaded.checkpoint.converted:
+            _note(f"{args.input} is converted and no --model names its original architecture: 'before' is the model as loaded")
+    shape = args.input_shape or loaded.checkpoint.input_shape
+    if shape is None:
+        _print_summary(before, after, args.format)
+        _note("pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report")
+        return 0
+    x = _example_input(after, shape)
+    _print_report(before, after, x, args.format, args.latency, original_weights=loaded.original_weights)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = ZOO[args.model]().eval()
-    x = torch.randn(1, 3, 224, 224) if args.model != "small_cnn" else torch.randn(1, 1, 28, 28)
+    shape = (1, 1, 28, 28) if args.model == "small_cnn" else (1, 3, 224, 224)
+    x = torch.randn(shape)
     converted = convert(model, rank=args.rank)
     with torch.inference_mode():
         before, after = model(x), converted(x)
     error = (after - before).norm() / before.norm()
-    params_before = sum(p.numel() for p in model.parameters())
-    params_after = sum(p.numel() for p in converted.parameters())
-    print(f"{args.model} (random weights), rank={args.rank}")
-    print(converted.convsep_plan.summary())
-    print(f"params: {params_before:,} -> {params_after:,} ({params_after / params_before:.1%})")
+    print(f"{args.model} (random weights), rank={args.rank}, input {_shape_text(shape)}")
+    _print_report(model, converted, x, "table", args.latency)
     print(f"relative output error on a random input: {error:.2e}")
     return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convsep",
         description="Turn the standard convolutions of a PyTorch model into depthwise-separable ones.",
+        epilog=(
+            "examples:\n"
+            "  convsep demo\n"
+            "  convsep convert model.pt -o model_sep.pt --model mypkg.models:resnet18 --input-shape 1,3,224,224\n"
+            "  convsep report model_sep.pt --model mypkg.models:resnet18\n\n"
+            "exit codes: 0 ok, 1 failure, 2 usage error"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"convsep {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
+
+    convert_parser = _subcommand(
+        commands,
+        "convert",
+        help="convert a checkpoint and write the converted one",
+        description=(
+            "Convert the convolutions of a saved model and write a converted checkpoint (state_dict plus the "
+            "conversion plan; .safetensors or torch.save format by OUT's extension). It loads back with "
+            "convsep.load(OUT, model=factory()). Prints the report when an input shape is known."
+        ),
+        examples=[
+            "convsep convert model.pt -o model_sep.pt --model mypkg.models:resnet18 --input-shape 1,3,224,224",
+            "convsep convert weights.safetensors -o sep.safetensors --model path/to/net.py:Net --rank 2",
+            "convsep convert model.pt -o sep.pt --model mypkg:build --include 'layer3.*' --exclude '*.downsample.*'",
+            "convsep convert whole_model.pt -o sep.pt --trust-pickle --rank 0.9 --format json",
+        ],
+        run=_convert,
+    )
+    convert_parser.add_argument("input", metavar="IN", help="checkpoint to convert (.pt/.pth/.bin/.safetensors)")
+    convert_parser.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the converted checkpoint")
+    _add_model_options(convert_parser)
+    convert_parser.add_argument(
+        "--rank", default=1, type=_rank_arg, help="int, 'full', or an energy fraction in (0, 1) (default: 1)"
+    )
+    convert_parser.add_argument("--init", choices=("svd", "random"), default="svd", help="initialisation (default: svd)")
+    convert_parser.add_argument(
+        "--include", action="append", metavar="GLOB", help="convert only layers whose name matches (repeatable)"
+    )
+    convert_parser.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="leave layers whose name matches as they are (repeatable)"
+    )
+    _add_report_options(convert_parser)
+    convert_parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    report_parser = _subcommand(
+        commands,
+        "report",
+        help="print the report for a checkpoint, converted or not",
+        description=(
+            "Print params, MACs and FLOPs of a checkpoint. For a converted checkpoint, 'before' is the original "
+            "architecture built by --model. The input shape recorded at conversion is used when --input-shape is not given."
+        ),
+        examples=[
+            "convsep report model_sep.pt --model mypkg.models:resnet18",
+            "convsep report model.pt --model path/to/net.py:Net --input-shape 1,3,32,32 --format markdown",
+        ],
+        run=_report,
+    )
+    report_parser.add_argument("input", metavar="IN", help="checkpoint (.pt/.pth/.bin/.safetensors)")
+    _add_model_options(report_parser)
+    _add_report_options(report_parser)
+
+    demo = _subcommand(
+        commands,
         "demo",
-        help="convert a built-in model and print what it saved (no files needed)",
-        description="Convert a built-in model with random weights and print a summary.",
-        epilog="examples:\n  convsep demo\n  convsep demo --model vgg16 --rank full",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="convert a built-in model and print the report (no files needed)",
+        description="Convert a built-in model with random weights and print the report.",
+        examples=["convsep demo", "convsep demo --model vgg16 --rank full", "convsep demo --model small_cnn --latency"],
+        run=_demo,
     )
     demo.add_argument("--model", choices=sorted(ZOO), default="resnet18", help="built-in architecture (default: resnet18)")
     demo.add_argument("--rank", default="1", type=_rank_arg, help="int, 'full' or an energy fraction in (0, 1) (default: 1)")
-    demo.set_defaults(run=_demo)
+    demo.add_argument("--latency", action="store_true", help="also measure the time of a forward pass before and after")
     return parser
+
+
+def _subcommand(commands, name: str, *, help: str, description: str, examples: list[str], run) -> argparse.ArgumentParser:
+    sub = commands.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, 100),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="MODULE:CALLABLE",
+        help="callable that builds the (original) architecture, like mypkg.models:resnet18 or path/to/file.py:Net; "
+        "needed for a state_dict",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a whole pickled model (torch.save(model)); unpickling runs code from the file",
+    )
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape", type=_input_shape_arg, metavar="N,C,H,W", help="example input shape, like 1,3,224,224"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="table", help="report format (default: table)")
+    parser.add_argument("--latency", action="store_true", help="also measure the time of a forward pass before and after")
 
 
 def _rank_arg(text: str):
@@ -68,17 +226,166 @@ def _rank_arg(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a rank: use an int, 'full', or a float in (0, 1)") from None
 
 
+def _input_shape_arg(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' -> (1, 3, 224, 224)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an input shape: write positive ints separated by commas, like 1,3,224,224"
+        )
+    return shape
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    checkpoint: Checkpoint
+    model: nn.Module  # the checkpoint's model with its weights, in eval mode (converted if the checkpoint was)
+    original: Optional[nn.Module]  # the original architecture: the same model, or for a converted
+    # checkpoint a fresh one from --model (its weights are the factory's); None when unknown
+
+    @property
+    def original_weights(self) -> bool:
+        """Whether `original` holds the trained weights (a converted checkpoint keeps only the converted ones)."""
+        return not self.checkpoint.converted
+
+
+def _load(path: str, model_spec: Optional[str], *, trust_pickle: bool) -> _Loaded:
+    """Read a checkpoint and build the model it holds, with --model naming the architecture."""
+    checkpoint = read(path, trust_pickle=trust_pickle)
+    if model_spec:
+        template = _build_model(model_spec)
+        model = checkpoint.build(template)
+        original = template.eval() if checkpoint.converted else model
+    elif checkpoint.module is not None:
+        model, original = checkpoint.module, (None if checkpoint.converted else checkpoint.module)
+    else:
+        what = "a converted state_dict" if checkpoint.converted else "a state_dict"
+        raise ConvsepValueError(
+            f"{path} holds weights only ({what}): pass --model package.module:factory (or path/to/file.py:factory) "
+            "naming a callable that builds the original architecture"
+        )
+    return _Loaded(checkpoint, model.eval(), original)
+
+
+def _build_model(spec: str) -> nn.Module:
+    factory = resolve_callable(spec, what="--model")
+    try:
+        model = factory()
+    except Exception as error:  # user code: anything can go wrong there
+        raise ConvsepValueError(f"--model {spec!r}: calling it failed ({type(error).__name__}: {_first_line(error)})") from None
+    if not isinstance(model, nn.Module):
+        raise ConvsepTypeError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """A seeded random input of `shape` in the model's dtype; an error if the model cannot run on it."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # user code: the shape check is whatever the model's forward rejects
+        raise InputShapeError(
+            f"input shape {_shape_text(shape)} does not fit the model ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    return x
+
+
+def _print_report(
+    before: nn.Module, after: nn.Module, x: torch.Tensor, fmt: str, latency: bool, *, original_weights: bool = True
+) -> None:
+    """convsep.report(...).render(fmt) on stdout; the plan summary while the report is not part of this build.
+
+    original_weights=False: `before` has the original architecture but not its trained weights, so
+    weight errors must come from the conversion plan, not from comparing kernels.
+    """
+    report = getattr(importlib.import_module(__package__), "report", None)
+    if not callable(report):
+        _print_summary(before, after, fmt)
+        return
+    options = {"latency": latency}
+    if not original_weights:
+        if "original_weights" in inspect.signature(report).parameters:
+            options["original_weights"] = False
+        else:
+            _note("the original weights are not in the checkpoint: weight errors compare with --model's initial weights")
+    print(report(before, after, x, **options).render(fmt))
+
+
+def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:
+    """What needs no input: the conversion decisions and the parameter counts."""
+    plan = plan_of(after)
+    params_before = sum(p.numel() for p in before.parameters())
+    params_after = sum(p.numel() for p in after.parameters())
+    if fmt == "json":
+        print(json.dumps({"plan": plan.to_dict() if plan else None, "params_before": params_before, "params_after": params_after}))
+        return
+    if plan is not None:
+        print(plan.summary())
+        for layer in plan.converted:
+            print(f"  {layer.name}: rank {layer.rank} of {layer.full_rank}")
+    ratio = params_after / params_before if params_before else 1.0
+    print(f"params: {params_before:,} -> {params_after:,} ({ratio:.1%})")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return ",".join(map(str, shape))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _note(text: str) -> None:
+    """Status lines go to stderr, so stdout holds only the report (parseable with --format json)."""
+    print(f"convsep: {text}", file=sys.stderr)
+
+
+def _warn(text: str) -> None:
+    print(f"convsep: warning: {text}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _warn(str(message).strip().splitlines()[0] if str(message).strip() else category.__name__)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse exits 2 on usage errors and 0 on --help/--version
         return int(exit.code or 0)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line each, no source line
+        try:
+            return args.run(args)
+        except ConvsepError as error:
+            print(f"convsep: error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("convsep: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `convsep report ... | head`: the reader left; say nothing more
+            _silence_stdout()
+            return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail on the closed pipe again."""
     try:
-        return args.run(args)
-    except ConvsepError as error:
-        print(f"convsep: error: {error}", file=sys.stderr)
-        return 1
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured, replaced)
+        pass
 
 
 if __name__ == "__main__":

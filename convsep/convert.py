@@ -24,23 +24,30 @@ from .budget import allocate, cheapest_cost, options_from_spectrum
 from .calibrate import calibrate
 from .count import (
     break_even_rank,
-    conv_macs_per_position,
+    conv_macs,
     conv_params,
     kernel_elements,
+    positions,
     saves_macs,
-    separable_macs_per_position,
+    separable_macs,
     separable_params,
 )
 from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
 from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
-from .probe import measure_macs
+from .probe import example_args, probe
+from .report import report
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
+from .speed import drop_slower_pairs, model_seconds
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .trace import FunctionalConv, discover, parameter, rewrite
 
 log = logging.getLogger(__name__)
+
+OBJECTIVES = ("macs", "latency")
+LATENCY_RUNS = 7  # timed passes per comparison (median), after warm-up
+LATENCY_MARGIN = 0.05  # a pair must be this much faster than its conv to be worth the change
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Candidate:
     conv: _ConvNd  # the module itself, or a stand-in sharing a functional conv's parameters
     site: Optional[FunctionalConv] = None  # set for functional convs
     svd: Optional[ChannelSVD] = None
+    pair: Optional[nn.Module] = None  # the replacement, once built
 
     def spectrum(self) -> ChannelSVD:
         if self.svd is None:
@@ -67,9 +75,11 @@ def convert(
     exclude: Patterns = None,
     inplace: bool = False,
     ranks: Optional[dict[str, RankSpec]] = None,
+    example_inputs: Any = None,
+    verbose: bool = False,
+    objective: str = "macs",
     budget: Optional[float] = None,
     budget_on: str = "macs",
-    example_inputs: Any = None,
     calibration_data: Any = None,
     calibration_batches: Optional[int] = None,
 ) -> nn.Module:
@@ -81,14 +91,19 @@ def convert(
     init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
     include / exclude: glob patterns on qualified names, or a callable (name, module) -> bool.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
+    objective: "macs" (convert wherever the rank saves MACs) or "latency" (with example_inputs: time
+        each layer and its pair on this device and input shape, convert only where the pair is
+        measured faster, then revert layers until the whole model is measured faster than the
+        original; functional convs are not timed and stay as they are).
     ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
         then the first glob that matches.
+    example_inputs, verbose: with verbose=True, print the before-and-after report on these inputs
+        (a tensor or a tuple of tensors; see convsep.report), or the plan's summary without them.
+        example_inputs are also what budget_on="macs" measures MACs on (one forward pass).
     budget: a share in (0, 1] of the whole model's cost (`budget_on`: "macs" or "params") that the
         converted model may keep; per-layer ranks, and which layers to leave as they are, are then
         chosen to minimise the sum of squared relative weight errors (see budget.py). Replaces
         `rank`; layers named in `ranks` keep their override and count at its cost.
-    example_inputs: a tensor (or tuple of tensors) the model runs on once to measure MACs; needed
-        for budget_on="macs".
     calibration_data: an iterable of batches (tensors, or tuples whose first item is the input):
         after conversion, the pairs are refitted to reproduce the original layers' outputs on it
         (see `convsep.calibrate`); `calibration_batches` caps how many batches are used.
@@ -104,8 +119,21 @@ def convert(
     if init not in INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
     selection = LayerFilter(include, exclude)
-    # Calibration compares against the original, which an in-place conversion is about to change.
-    reference = copy.deepcopy(model) if inplace and calibration_data is not None else model
+    if example_inputs is not None:
+        example_args(example_inputs)  # a bad value fails now, not after the work
+    if objective not in OBJECTIVES:
+        raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
+    if objective == "latency" and example_inputs is None:
+        raise ConvsepValueError("objective='latency' needs example_inputs: the timings depend on the input shape")
+    if objective == "latency" and budget is not None:
+        raise ConvsepValueError(
+            f"budget={budget} and objective='latency' cannot be combined: the latency pass reverts layers, "
+            "which would break the budget; use one of them"
+        )
+    wants_report = verbose and example_inputs is not None
+    # Calibration, the report and the latency pass compare against the original, which inplace changes.
+    needs_original = wants_report or objective == "latency" or calibration_data is not None
+    original = copy.deepcopy(model) if inplace and needs_original else model
     work = model if inplace else copy.deepcopy(model)
 
     found = discover(work)
@@ -119,7 +147,10 @@ def convert(
         budget_record = _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs)
     overrides.warn_unmatched()
     chosen = [c for c in candidates if c.decision.converted]
-    work = _apply(work, chosen, found, use_svd=init == "svd")
+    if objective == "latency":
+        work = _faster_only(original, work, chosen, example_args(example_inputs), found, init)
+    else:
+        work = _apply(work, chosen, found, use_svd=init == "svd")
 
     previous = plan_of(model)
     plan = ConversionPlan(
@@ -134,7 +165,9 @@ def convert(
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
     if calibration_data is not None:
-        work = calibrate(work, reference, calibration_data, batches=calibration_batches)
+        work = calibrate(work, original, calibration_data, batches=calibration_batches, verbose=verbose)
+    if verbose:
+        print(report(original, work, example_inputs) if wants_report else plan.summary())
     return work
 
 
@@ -212,13 +245,27 @@ def _convert_at(candidate: Candidate, rank: int, S: Optional[torch.Tensor]) -> N
         decision.relative_error = discarded_energy_fraction(S, rank) ** 0.5
 
 
-def _layer_costs(conv: _ConvNd, budget_on: str, measured) -> tuple[int, int]:
+def _layer_costs(candidate: Candidate, budget_on: str, output_positions: dict[int, int]) -> tuple[int, int]:
     """(cost of the conv as it is, cost of its pair per unit of rank), biases left out (the same on both sides)."""
+    conv = candidate.conv
     n, m, k, g = conv.out_channels, conv.in_channels, kernel_elements(conv.kernel_size), conv.groups
     if budget_on == "params":
         return conv_params(n, m, k, g, bias=False), separable_params(n, m, k, g, 1, bias=False)
-    positions = measured.positions_of(conv.weight)
-    return conv_macs_per_position(n, m, k, g) * positions, separable_macs_per_position(n, m, k, g, 1) * positions
+    where = output_positions.get(id(candidate), 0)
+    return conv_macs(n, m, k, g, where), separable_macs(n, m, k, g, 1, where)
+
+
+def _measure_positions(work: nn.Module, example_inputs: Any, candidates: list[Candidate]) -> tuple[int, dict[int, int]]:
+    """Whole-model MACs, and each candidate's output positions over all its calls, from one pass on example_inputs."""
+    modules = [c.conv for c in candidates if c.site is None]
+    weights = [c.conv.weight for c in candidates if c.site is not None]  # functional convs: known by their weight
+    measured = probe(work, example_args(example_inputs), modules, weights)
+    found = {}
+    for candidate in candidates:
+        key = id(candidate.conv) if candidate.site is None else id(candidate.conv.weight)
+        dims = candidate.conv.weight.dim() - 2
+        found[id(candidate)] = sum(positions(call.output_shape, dims) for call in measured.calls.get(key, []))
+    return measured.flops // 2, found
 
 
 def _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs) -> dict:
@@ -227,11 +274,13 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
     Everything that is not a free candidate (other layers, convs left out by selection, layers
     with a rank override) counts at the cost it will have; the rest is allocated by budget.py.
     """
-    measured = measure_macs(work, example_inputs) if budget_on == "macs" else None
-    total = measured.total if measured else sum(p.numel() for p in work.parameters())
+    if budget_on == "macs":
+        total, where = _measure_positions(work, example_inputs, candidates)
+    else:
+        total, where = sum(p.numel() for p in work.parameters()), {}
     free, options, others = [], [], total
     for candidate in candidates:
-        keep_cost, per_rank = _layer_costs(candidate.conv, budget_on, measured)
+        keep_cost, per_rank = _layer_costs(candidate, budget_on, where)
         spec = overrides.get(candidate.decision.name, None)
         if spec is not None:
             _assign_rank(candidate, spec, init)
@@ -264,9 +313,7 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
                 else "it did not run on example_inputs, so converting it saves no MACs"
             )
         else:
-            candidate.decision.reason = (
-                f"kept by budget={budget} on {what}: spending the budget on other layers costs less error"
-            )
+            candidate.decision.reason = f"budget={budget} of {what} is spent with less error on other layers"
     converted = [c for c in candidates if c.decision.converted]
     return {
         "fraction": budget,
@@ -382,7 +429,7 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
         svd = candidate.spectrum() if use_svd else None
-        pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
+        pair = candidate.pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
         if site is None:
             swaps[id(conv)] = pair
         else:
@@ -395,6 +442,36 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn
         else:
             swaps[id(module)] = gm
     return _swap(root, swaps)
+
+
+def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:
+    """objective='latency': apply only the pairs measured faster, then revert until the whole model is faster."""
+    for candidate in chosen:
+        if candidate.site is not None:
+            candidate.decision.converted = False
+            candidate.decision.reason = "objective='latency' times module convs only; this functional conv stays"
+    chosen = [c for c in chosen if c.site is None]
+
+    def timing_pair(candidate: Candidate) -> nn.Module:  # same shapes and cost; its weights do not matter
+        return SEPARABLE_FOR_DIMS[candidate.conv.weight.dim() - 2]._build(candidate.conv, candidate.decision.rank)
+
+    gains = drop_slower_pairs(chosen, work, args, timing_pair, LATENCY_RUNS, LATENCY_MARGIN)
+    chosen = [c for c in chosen if c.decision.converted]
+    work = _apply(work, chosen, found, use_svd=init == "svd")
+    least_gain_first = sorted(chosen, key=lambda c: gains[id(c)])
+    while least_gain_first:
+        before, after = model_seconds(original, work, args, LATENCY_RUNS)
+        if after < before:
+            break
+        candidate = least_gain_first.pop(0)
+        work = _swap(work, {id(candidate.pair): candidate.conv})
+        candidate.decision.converted = False
+        candidate.decision.relative_error = None
+        candidate.decision.reason = (
+            f"kept for speed: with it converted the whole model took {after * 1e3:.2f} ms "
+            f"against {before * 1e3:.2f} ms for the original"
+        )
+    return work
 
 
 def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:

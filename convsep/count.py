@@ -40,3 +40,24 @@ def saves_macs(out_channels: int, in_channels: int, kernel: int, groups: int, ra
 
 def kernel_elements(kernel_size) -> int:
     return math.prod(kernel_size)
+
+
+# Per-layer counts of a layer as it ran. FlopCounterMode counts a convolution as
+# 2 x (weight elements) x (output positions), or x (input positions) when transposed,
+# where a position is one sample at one spatial location; these agree with it exactly.
+
+
+def positions(shape, spatial_dims: int) -> int:
+    """Samples x spatial locations of an activation (N, C, *spatial), or (C, *spatial) unbatched."""
+    channel_axis = len(shape) - spatial_dims - 1
+    return math.prod(shape[:channel_axis]) * math.prod(shape[channel_axis + 1 :])
+
+
+def conv_macs(out_channels: int, in_channels: int, kernel: int, groups: int, positions: int) -> int:
+    """MACs of a convolution over `positions` output positions (input positions if transposed:
+    the weight has the same elements, N*M/g*K, and each meets every input position once)."""
+    return conv_macs_per_position(out_channels, in_channels, kernel, groups) * positions
+
+
+def separable_macs(out_channels: int, in_channels: int, kernel: int, groups: int, rank: int, positions: int) -> int:
+    return separable_macs_per_position(out_channels, in_channels, kernel, groups, rank) * positions

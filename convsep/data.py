@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .errors import ConvsepTypeError, ConvsepValueError, MissingExtraError
+from .errors import ConvsepTypeError, ConvsepValueError, OptionalDependencyError
 from .imports import resolve_callable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -143,5 +143,5 @@ def _pillow():
     try:
         from PIL import Image
     except ImportError:
-        raise MissingExtraError("reading a folder of images needs Pillow: pip install 'convsep[images]'") from None
+        raise OptionalDependencyError("reading a folder of images needs Pillow: pip install 'convsep[images]'") from None
     return Image

@@ -29,5 +29,5 @@ class InputShapeError(ConvsepError, ValueError):
     """Example inputs do not fit the model."""
 
 
-class MissingExtraError(ConvsepError, ImportError):
-    """An optional dependency (an extra: images, progress, ...) is needed for what was asked."""
+class OptionalDependencyError(ConvsepError, ImportError):
+    """A feature needs an optional extra that is not installed (the message names it)."""

@@ -1,110 +1,210 @@
-"""Running a model on real inputs to see what its convolutions do.
+"""One instrumented forward pass: what the report needs to know about a model on real inputs.
 
-A conv's MACs depend on how many output positions it computes, which only a forward
-pass shows, and calibration needs a conv's outputs inside the original model. Both are
-found by watching the conv calls a forward pass makes (module convs and `F.conv*d` on a
-parameter alike, since `nn.ConvNd` calls `F.convNd`), keyed by the weight they use.
-Models run in eval mode without gradients; the train/eval flag of every module is put
-back afterwards, so probing changes nothing (not even BatchNorm running statistics).
+Counting by running, not by tracing, so it works for any model that runs, fx-traceable
+or not. The pass runs under torch's own FlopCounterMode, so whole-model FLOPs are its
+figures by construction (the cheapest exact way: one pass, nothing re-derived), while
+forward hooks record the input and output shapes at the convolutions the report lists
+and a torch-function mode records the functional convolutions (`F.conv2d(x, self.w)`),
+which have no module to hook. Hooks on every module also remember which one was
+running when a bad input broke the pass, so the error can name that layer.
+
+The pass runs in eval mode under no_grad: counting must not move BatchNorm statistics
+or build autograd graphs; training flags are restored afterwards. Not inference_mode:
+tensors a model creates and keeps on its first call (lazy parameters, caches) would
+become inference tensors that training can no longer use.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .batches import as_args
-from .errors import InputShapeError
+from .errors import ConvsepError, ConvsepTypeError, InputShapeError
+from .layers import _SeparableConvNd
+from .trace import FUNCTIONAL_CONV_DIMS
 
-CONV_FUNCTIONS = (torch.conv1d, torch.conv2d, torch.conv3d)  # F.convNd is torch.convNd
-
-ConvCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (weight, input, output)
+_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-class ConvCalls(TorchFunctionMode):
-    """Calls `callback(weight, input, output)` after every conv call made while the mode is active."""
+@dataclass
+class Call:
+    """One call of a watched layer during the pass."""
 
-    def __init__(self, callback: ConvCallback) -> None:
-        super().__init__()
-        self.callback = callback
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    order: int  # position among all watched calls, to list layers in execution order
+    groups: int = 1  # functional convs only (a module knows its own)
+    has_bias: bool = False  # functional convs only
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        output = func(*args, **kwargs)
-        if func in CONV_FUNCTIONS:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.callback(weight, args[0] if args else kwargs["input"], output)
-        return output
+
+@dataclass
+class Probe:
+    flops: int  # FlopCounterMode's total for the whole pass
+    calls: dict[int, list[Call]] = field(default_factory=dict)  # id(module or weight) -> its calls
+
+
+def example_args(example_inputs: Any) -> tuple[Tensor, ...]:
+    """Positional arguments from a tensor or a tuple of tensors, or a clear error."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        got = type(example_inputs).__name__
+        if isinstance(example_inputs, (tuple, list)):
+            got += f" of ({', '.join(type(a).__name__ for a in args)})"
+        raise ConvsepTypeError(
+            f"example_inputs must be a tensor or a tuple of tensors (the model's positional inputs), got {got}"
+        )
+    return args
+
+
+def describe_inputs(args: tuple[Tensor, ...]) -> str:
+    return ", ".join(f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
 
 
 @contextlib.contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every module's own train/eval flag restored after."""
-    flags = [(module, module.training) for model in models for module in model.modules()]
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every module's own training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
+        yield
     finally:
         for module, training in flags:
             module.training = training
 
 
-def describe_inputs(inputs: Any) -> str:
-    if isinstance(inputs, torch.Tensor):
-        return f"a tensor of shape {tuple(inputs.shape)}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(describe_inputs(x) for x in inputs) + ")"
-    return f"a {type(inputs).__name__}"
+class _FunctionalConvRecorder(TorchFunctionMode):
+    """Records F.conv1d/2d/3d calls whose weight is one of the watched tensors."""
+
+    def __init__(self, watched: set[int], record) -> None:
+        super().__init__()
+        self.watched = watched
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in FUNCTIONAL_CONV_DIMS:
+            named = dict(zip(_CONV_ARG_NAMES, args), **kwargs)
+            weight = named.get("weight")
+            if id(weight) in self.watched:
+                shapes = tuple(named["input"].shape), tuple(out.shape)
+                self.record(id(weight), Call(*shapes, 0, named.get("groups", 1), named.get("bias") is not None))
+        return out
 
 
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass once it has shown what was needed."""
+class _Tracker:
+    """The stack of modules currently running; after an exception its top is where it happened."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.stack.append((name, module))
+
+        return hook
+
+    def _leave(self, module, args, output):
+        self.stack.pop()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
-def forward(model: nn.Module, inputs: Any, what: str = "example_inputs") -> Any:
-    """model(*inputs), with a clear InputShapeError when the model cannot take them."""
+def probe(
+    model: nn.Module,
+    args: tuple[Tensor, ...],
+    modules: list[nn.Module],
+    weights: list[Tensor],
+    *,
+    label: str = "the model",
+) -> Probe:
+    """Run `model(*args)` once, counting FLOPs and recording the calls of `modules` and of
+    functional convs on `weights`. Raises InputShapeError (naming the layer) if the pass fails."""
+    result = Probe(flops=0)
+    order = itertools.count()
+
+    def record(key: int, call: Call) -> None:
+        call.order = next(order)
+        result.calls.setdefault(key, []).append(call)
+
+    def shape_hook(module, inputs, output):
+        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
+            record(id(module), Call(tuple(inputs[0].shape), tuple(output.shape), 0))
+
+    watched = {id(w) for w in weights}
+    handles = [m.register_forward_hook(shape_hook) for m in {id(m): m for m in modules}.values()]
+    tracker = _Tracker(model)
+    recorder = _FunctionalConvRecorder(watched, record) if watched else contextlib.nullcontext()
     try:
-        return model(*as_args(inputs))
-    except StopForward:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter, recorder:
+            model(*args)
+        result.flops = counter.get_total_flops()
+    except ConvsepError:
         raise
-    except Exception as error:  # the model's own code can fail in any way on inputs it cannot take
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputShapeError(
-            f"the model cannot run on {what} ({describe_inputs(inputs)}): {type(error).__name__}: {first}"
-        ) from error
+    except Exception as error:  # any failure of the user's model on these inputs: say where, keep the cause
+        raise InputShapeError(_failure_message(model, args, tracker.stack, error, label)) from error
+    finally:
+        tracker.remove()
+        for handle in handles:
+            handle.remove()
+    return result
 
 
-@dataclass
-class ConvMacs:
-    """What one forward pass on example inputs costs: the whole model, and each conv weight's output positions."""
+def _failure_message(model: nn.Module, args, stack, error: BaseException, label: str) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    where = "before any submodule ran"
+    if stack:
+        name, module = stack[-1]
+        where = f"in {name or 'its own forward'} ({type(module).__name__}{_expects(module)})"
+    return (
+        f"example inputs {describe_inputs(args)} do not fit {label} ({type(model).__name__})"
+        f"{_expected_input(model)}; it failed {where}: {type(error).__name__}: {first_line}"
+    )
 
-    total: int  # MACs of the whole forward (FlopCounterMode's FLOPs / 2), for the whole batch
-    positions: dict[int, int] = field(default_factory=dict)  # id(weight) -> output positions, all calls and samples
 
-    def positions_of(self, weight: torch.Tensor) -> int:
-        return self.positions.get(id(weight), 0)
+def _expects(module: nn.Module) -> str:
+    if isinstance(module, (_ConvNd, _SeparableConvNd)):
+        return f", expects {module.in_channels} input channels"
+    if isinstance(module, nn.Linear):
+        return f", expects {module.in_features} input features"
+    return ""
 
 
-def measure_macs(model: nn.Module, example_inputs: Any) -> ConvMacs:
-    """Whole-model MACs and every conv's output positions, from one forward pass on `example_inputs`."""
-    measured = ConvMacs(total=0)
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first convolution (in definition order) expects, with the parameters' dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype_text = f" {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+    for name, module in model.named_modules():
+        if isinstance(module, (_ConvNd, _SeparableConvNd)):
+            dims = len(module.kernel_size)
+            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[dims]
+            channels = module.in_channels
+            return (
+                f", which expects (batch, {channels}, {spatial}){dtype_text} inputs"
+                f" (its first convolution, {name}, is a {type(module).__name__} with {channels} input channels)"
+            )
+    return f", which expects{dtype_text} inputs" if dtype_text else ""
 
-    def count(weight: torch.Tensor, _input: torch.Tensor, output: torch.Tensor) -> None:
-        # Output positions summed over the batch: MACs of this call = positions * N * (M/g) * K.
-        positions = output.numel() // weight.shape[0]
-        measured.positions[id(weight)] = measured.positions.get(id(weight), 0) + positions
 
-    counter = FlopCounterMode(display=False)
-    with evaluating(model), counter, ConvCalls(count):
-        forward(model, example_inputs)
-    measured.total = math.ceil(counter.get_total_flops() / 2)
-    return measured
+def functional_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Qualified name -> parameter, for every parameter a functional conv could use: the ones no conv module owns."""
+    owned = {id(p) for m in model.modules() if isinstance(m, _ConvNd) for p in m.parameters(recurse=False)}
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if id(p) not in owned and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 3
+    }

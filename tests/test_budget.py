@@ -186,7 +186,7 @@ def test_budget_that_cannot_be_met_names_the_smallest_reachable_share(cnn):
 def test_budget_of_one_keeps_every_layer(cnn):
     model, x = cnn
     plan = convsep.convert(model, budget=1.0, example_inputs=x).convsep_plan
-    assert not plan.converted and all("kept by budget=1.0" in d.reason or "no rank" in d.reason for d in plan.layers)
+    assert not plan.converted and all("budget=1.0 of MACs is spent" in d.reason or "no rank" in d.reason for d in plan.layers)
 
 
 def test_overrides_keep_their_rank_and_count_at_their_cost(cnn):
@@ -236,6 +236,7 @@ def test_shared_conv_counts_every_call():
         ({"budget": 0.3}, ValueError, "needs example_inputs"),
         ({"budget": 0.3, "rank": 2, "example_inputs": torch.randn(1, 3, 8, 8)}, ValueError, "rank=2 and budget=0.3"),
         ({"budget": 0.5, "example_inputs": torch.randn(1, 5, 8, 8)}, convsep.InputShapeError, r"\(1, 5, 8, 8\)"),
+        ({"budget": 0.5, "objective": "latency", "example_inputs": torch.randn(1, 3, 8, 8)}, ValueError, "cannot be combined"),
         ({"rank": 1.0}, ValueError, r"rank=1.0 .* \(0, 1\)"),
         ({"rank": 0.0}, ValueError, "rank=0.0"),
     ],

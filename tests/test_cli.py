@@ -1,13 +1,310 @@
+import inspect
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
+from torch import nn
 
 import convsep
 from convsep.cli import main
+from convsep.imports import resolve_callable
+from convsep.models import small_cnn
+from helpers import assert_bitwise_equal, snapshot
+
+HAS_REPORT = callable(getattr(convsep, "report", None))
+needs_report = pytest.mark.skipif(not HAS_REPORT, reason="convsep.report (issue 3) is not merged into this branch yet")
+
+FACTORIES = """
+import torch
+from torch import nn
+from convsep.models import small_cnn
+
+def build():
+    return small_cnn(width=4)
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+def pointwise_only():
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+def returns_a_list():
+    return [1, 2]
+
+def broken():
+    raise RuntimeError("the factory is broken")
+
+NOT_CALLABLE = 42
+"""
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder with a factory file and a state_dict of small_cnn(width=4) saved from it."""
+    (tmp_path / "nets.py").write_text(FACTORIES)
+    torch.manual_seed(0)
+    model = small_cnn(width=4).eval()
+    torch.save(model.state_dict(), tmp_path / "in.pt")
+    return tmp_path
+
+
+def spec(folder, name="build"):
+    return f"{folder / 'nets.py'}:{name}"
+
+
+def trained(folder):
+    model = small_cnn(width=4).eval()
+    model.load_state_dict(torch.load(folder / "in.pt", weights_only=True))
+    return model
+
+
+# --- convert -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_convert_writes_a_checkpoint_that_loads_back(work, suffix, capsys):
+    out = work / f"out{suffix}"
+    code, stdout, err = run(["convert", work / "in.pt", "-o", out, "--model", spec(work), "--input-shape", "2,1,28,28"], capsys)
+    assert code == 0, err
+    assert f"wrote {out}" in err
+    model = trained(work)
+    expected = convsep.convert(model, rank=1)
+    loaded = convsep.load(out, model=small_cnn(width=4))
+    assert loaded.convsep_plan.to_dict() == expected.convsep_plan.to_dict()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), expected(x))
+    assert convsep.load(out).input_shape == (2, 1, 28, 28)
+
+
+def test_convert_reads_safetensors_and_honours_rank_init_and_patterns(work, capsys):
+    from safetensors.torch import save_file
+
+    save_file(trained(work).state_dict(), str(work / "in.safetensors"))
+    argv = ["convert", work / "in.safetensors", "-o", work / "out.pt", "--model", spec(work), "--rank", "2"]
+    argv += ["--init", "random", "--include", "0.*", "--include", "1.*", "--exclude", "1.*"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    plan = convsep.load(work / "out.pt").plan
+    assert [(d.name, d.rank) for d in plan.converted] == [("0.0", 2)]
+    assert plan.init == "random" and plan.rank == 2
+
+
+def test_convert_resumes_a_converted_checkpoint(work, capsys):
+    assert run(["convert", work / "in.pt", "-o", work / "a.pt", "--model", spec(work), "--include", "0.0"], capsys)[0] == 0
+    code, stdout, err = run(["convert", work / "a.pt", "-o", work / "b.pt", "--model", spec(work)], capsys)
+    assert code == 0, err
+    assert [d.name for d in convsep.load(work / "b.pt").plan.converted] == ["0.0", "1.0", "3.0", "4.0"]
+    loaded = convsep.load(work / "b.pt", model=small_cnn(width=4))
+    expected = convsep.convert(convsep.convert(trained(work), include="0.0"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), expected(x))
+
+
+def test_convert_a_whole_pickled_model_with_trust_pickle(work, capsys):
+    torch.save(trained(work), work / "whole.pt")
+    code, stdout, err = run(["convert", work / "whole.pt", "-o", work / "out.pt", "--trust-pickle"], capsys)
+    assert code == 0, err
+    assert len(convsep.load(work / "out.pt").plan.converted) == 4
+
+
+def test_convert_with_a_wrapped_state_dict_and_an_import_string(work, capsys):
+    torch.manual_seed(0)
+    from zoo import FunctionalConvNet
+
+    model = FunctionalConvNet().eval()
+    torch.save({"model": model.state_dict(), "epoch": 7}, work / "wrapped.pth")
+    code, stdout, err = run(["convert", work / "wrapped.pth", "-o", work / "out.pt", "--model", "zoo:FunctionalConvNet"], capsys)
+    assert code == 0, err
+    loaded = convsep.load(work / "out.pt", model=FunctionalConvNet())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), convsep.convert(model)(x))
+
+
+def test_convert_without_input_shape_prints_the_plan(work, capsys):
+    code, stdout, err = run(["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work)], capsys)
+    assert code == 0, err
+    assert "converted 4 of 4 convolutions" in stdout and "params:" in stdout
+    assert "--input-shape" in err
+
+
+def test_convert_json_output_is_json_only(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--format", "json"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["plan"]["layers"][0]["name"] == "0.0"
+    code, stdout, err = run(argv + ["--input-shape", "1,1,28,28", "--force"], capsys)
+    assert code == 0, err
+    json.loads(stdout)
+
+
+def test_existing_output_needs_force(work, capsys):
+    (work / "out.pt").write_bytes(b"precious")
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work)]
+    code, stdout, err = run(argv, capsys)
+    assert code == 1 and "--force" in err and (work / "out.pt").read_bytes() == b"precious"
+    assert run(argv + ["--force"], capsys)[0] == 0
+    assert convsep.load(work / "out.pt").converted
+
+
+def test_unmatched_pattern_is_a_one_line_warning(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--exclude", "nothing.*"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0
+    warning_lines = [line for line in err.splitlines() if line.startswith("convsep: warning:")]
+    assert len(warning_lines) == 1 and "nothing.*" in warning_lines[0]
+
+
+@pytest.mark.parametrize("factory", ["mlp", "pointwise_only"])
+def test_model_without_convertible_convs_is_a_warning_and_a_copy(factory, work, capsys):
+    torch.manual_seed(0)
+    model = resolve_callable(spec(work, factory))().eval()
+    torch.save(model.state_dict(), work / "plain.pt")
+    code, stdout, err = run(["convert", work / "plain.pt", "-o", work / "out.pt", "--model", spec(work, factory)], capsys)
+    assert code == 0
+    assert err.startswith("convsep: warning:") and "holds the same weights" in err
+    assert_bitwise_equal(snapshot(model), convsep.load(work / "out.pt", model=model))
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def test_report_without_input_shape_prints_the_plan(work, capsys):
+    assert run(["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work)], capsys)[0] == 0
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work)], capsys)
+    assert code == 0, err
+    assert "converted 4 of 4 convolutions" in stdout
+    code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--format", "json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["plan"] is None
+
+
+def test_report_calls_the_report_api(work, capsys, monkeypatch):
+    """The wiring: before/after models, a seeded input of the recorded shape, latency and format."""
+    calls = []
+
+    class FakeReport:
+        def render(self, fmt):
+            return f"FAKE REPORT as {fmt}"
+
+    def fake_report(before, after, example_inputs, *, latency=False, original_weights=True):
+        calls.append((before, after, example_inputs, latency, original_weights))
+        return FakeReport()
+
+    monkeypatch.setattr(convsep, "report", fake_report, raising=False)
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "3,1,28,28"]
+    code, stdout, err = run(argv + ["--format", "markdown", "--latency"], capsys)
+    assert code == 0, err
+    assert stdout == "FAKE REPORT as markdown\n"
+    before, after, x, latency, original_weights = calls[-1]
+    assert x.shape == (3, 1, 28, 28) and latency is True and original_weights
+    assert not hasattr(before, "convsep_plan") and len(after.convsep_plan.converted) == 4
+    assert_bitwise_equal(snapshot(trained(work)), before)
+
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "csv"], capsys)
+    assert code == 0, err
+    assert stdout == "FAKE REPORT as csv\n"
+    before, after, x, latency, original_weights = calls[-1]
+    assert x.shape == (3, 1, 28, 28) and latency is False  # the shape recorded at conversion
+    assert original_weights is False  # only the converted weights are in the file
+    assert not hasattr(before, "convsep_plan") and len(after.convsep_plan.converted) == 4
+
+    code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--input-shape", "1,1,28,28"], capsys)
+    assert code == 0, err
+    before, after, x, latency, original_weights = calls[-1]
+    assert before is after and x.shape == (1, 1, 28, 28) and original_weights
+
+
+@needs_report
+def test_convert_report_matches_the_python_api(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    model = trained(work)
+    x = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    expected = convsep.report(model, convsep.convert(model), x).render("table")
+    assert stdout == expected + "\n"
+    assert "MACs" in stdout
+
+
+TOTALS = ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")
+
+
+@needs_report
+@pytest.mark.parametrize("fmt", ["table", "markdown", "json", "csv"])
+def test_report_of_a_converted_checkpoint_has_the_totals_convert_printed(fmt, work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
+    code, printed, err = run(argv + ["--format", "json"], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "json"], capsys)
+    assert code == 0, err
+    at_conversion, read_back = json.loads(printed)["totals"], json.loads(stdout)["totals"]
+    assert {k: read_back[k] for k in TOTALS} == {k: at_conversion[k] for k in TOTALS}
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", fmt], capsys)
+    assert code == 0 and stdout.strip(), err
+    if fmt == "markdown":
+        assert "|" in stdout
+
+
+ORIGINAL_WEIGHTS_OPTION = HAS_REPORT and "original_weights" in inspect.signature(convsep.report).parameters
+
+
+@needs_report
+@pytest.mark.skipif(
+    not ORIGINAL_WEIGHTS_OPTION,
+    reason="convsep.report has no original_weights=False option yet: a converted checkpoint's report compares "
+    "kernels with --model's initial weights instead of taking the weight errors from the plan",
+)
+def test_report_of_a_converted_checkpoint_shows_the_weight_errors_of_conversion(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
+    code, printed, err = run(argv + ["--format", "json"], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["report", work / "out.pt", "--model", spec(work), "--format", "json"], capsys)
+    assert code == 0, err
+    plan = convsep.load(work / "out.pt").plan
+    expected = {d.name: d.relative_error for d in plan.converted}
+    for rows in (json.loads(printed)["rows"], json.loads(stdout)["rows"]):
+        errors = {row["name"]: row["weight_error"] for row in rows if row["converted"]}
+        assert errors == pytest.approx(expected, rel=1e-4)
+
+
+@needs_report
+def test_report_of_an_unconverted_checkpoint(work, capsys):
+    code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--input-shape", "1,1,28,28"], capsys)
+    assert code == 0, err
+    assert "MACs" in stdout
+
+
+@needs_report
+def test_convert_with_latency(work, capsys):
+    argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "1,1,28,28"]
+    code, stdout, err = run(argv + ["--latency"], capsys)
+    assert code == 0, err
+
+
+# --- demo, help, version -------------------------------------------------------------------
 
 
 def test_demo_converts_a_built_in_model(capsys):
-    assert main(["demo", "--model", "small_cnn"]) == 0
-    out = capsys.readouterr().out
-    assert "converted 4 of 4 convolutions" in out and "params:" in out
+    code, out, err = run(["demo", "--model", "small_cnn"], capsys)
+    assert code == 0, err
+    assert out.startswith("small_cnn (random weights), rank=1")
+    assert "relative output error on a random input:" in out
+    if HAS_REPORT:
+        assert "MACs" in out
+    else:
+        assert "converted 4 of 4 convolutions" in out and "params:" in out
 
 
 def test_demo_full_rank_is_exact(capsys):
@@ -21,6 +318,18 @@ def test_version(capsys):
     assert convsep.__version__ in capsys.readouterr().out
 
 
+def test_python_dash_m_is_the_same_cli():
+    result = subprocess.run([sys.executable, "-m", "convsep", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"convsep {convsep.__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["report"], ["demo"]])
+def test_help_has_examples(command, capsys):
+    assert main(command + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "convsep " in out.split("examples:")[1]
+
+
 def test_bad_rank_is_one_line_and_exit_1(capsys):
     assert main(["demo", "--model", "small_cnn", "--rank", "0"]) == 1
     err = capsys.readouterr().err
@@ -31,3 +340,147 @@ def test_bad_rank_is_one_line_and_exit_1(capsys):
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+# --- bad input: one line on stderr, exit 1 (2 for usage), nothing written, input untouched -----
+
+
+def _not_a_checkpoint(folder):
+    (folder / "notes.txt").write_text("these are my notes, not a model\n")
+    return ["convert", folder / "notes.txt", "-o", folder / "out.pt", "--model", spec(folder)]
+
+
+def _truncated(folder):
+    content = (folder / "in.pt").read_bytes()
+    (folder / "cut.pt").write_bytes(content[: len(content) // 3])
+    return ["convert", folder / "cut.pt", "-o", folder / "out.pt", "--model", spec(folder)]
+
+
+def _pickled(folder):
+    torch.save(trained(folder), folder / "whole.pt")
+    return ["convert", folder / "whole.pt", "-o", folder / "out.pt", "--model", spec(folder)]
+
+
+def _wrong_model(folder):
+    (folder / "other.py").write_text("from convsep.models import small_cnn\ndef build():\n    return small_cnn(width=8)\n")
+    return ["convert", folder / "in.pt", "-o", folder / "out.pt", "--model", f"{folder / 'other.py'}:build"]
+
+
+def _empty(folder):
+    (folder / "empty.pt").write_bytes(b"")
+    return ["convert", folder / "empty.pt", "-o", folder / "out.pt", "--model", spec(folder)]
+
+
+def _directory(folder):
+    (folder / "adir").mkdir()
+    return ["convert", folder / "adir", "-o", folder / "out.pt", "--model", spec(folder)]
+
+
+def _converted_without_original(folder):
+    convsep.save(convsep.convert(trained(folder)), folder / "sep.pt")
+    return ["report", folder / "sep.pt"]
+
+
+def _in_as_out(folder):
+    os.symlink(folder / "in.pt", folder / "link.pt")
+    return ["convert", folder / "in.pt", "-o", folder / "link.pt", "--model", spec(folder), "--force"]
+
+
+def _out_in_a_file(folder):
+    return ["convert", folder / "in.pt", "-o", folder / "in.pt" / "out.pt", "--model", spec(folder)]
+
+
+def _convert(folder, *extra, out="out.pt"):
+    return ["convert", folder / "in.pt", "-o", folder / out, "--model", spec(folder), *extra]
+
+
+BAD_INPUTS = {
+    # name: (argv builder, exit code, text the error line must contain)
+    "missing file": (lambda f: ["convert", f / "nope.pt", "-o", f / "out.pt", "--model", spec(f)], 1, "no such file"),
+    "directory": (_directory, 1, "is a directory"),
+    "empty file": (_empty, 1, "is empty"),
+    "truncated file": (_truncated, 1, "truncated or corrupt"),
+    "not a checkpoint": (_not_a_checkpoint, 1, "is not a checkpoint"),
+    "pickle without --trust-pickle": (_pickled, 1, "pass --trust-pickle"),
+    "state_dict without --model": (lambda f: ["convert", f / "in.pt", "-o", f / "out.pt"], 1, "pass --model"),
+    "converted without --model": (_converted_without_original, 1, "pass --model"),
+    "--model does not import": (lambda f: _convert(f)[:-1] + ["no_such_package.models:build"], 1, "cannot import"),
+    "--model file missing": (lambda f: _convert(f)[:-1] + [f"{f / 'missing.py'}:build"], 1, "no such file"),
+    "--model attribute missing": (lambda f: _convert(f)[:-1] + [spec(f, "nothing")], 1, "has no attribute"),
+    "--model not callable": (lambda f: _convert(f)[:-1] + [spec(f, "NOT_CALLABLE")], 1, "not callable"),
+    "--model without colon": (lambda f: _convert(f)[:-1] + ["convsep.models.small_cnn"], 1, "must look like"),
+    "--model returns no module": (lambda f: _convert(f)[:-1] + [spec(f, "returns_a_list")], 1, "returned a list"),
+    "--model raises": (lambda f: _convert(f)[:-1] + [spec(f, "broken")], 1, "the factory is broken"),
+    "state_dict does not fit": (_wrong_model, 1, "0.0.weight is (4, 1, 3, 3) in the file but (8, 1, 3, 3)"),
+    "malformed --input-shape": (lambda f: _convert(f, "--input-shape", "1,3,x"), 2, "is not an input shape"),
+    "negative --input-shape": (lambda f: _convert(f, "--input-shape", "1,-3,28,28"), 2, "is not an input shape"),
+    "input shape does not fit": (lambda f: _convert(f, "--input-shape", "1,3,28,28"), 1, "input shape 1,3,28,28 does not fit"),
+    "report input shape does not fit": (
+        lambda f: ["report", f / "in.pt", "--model", spec(f), "--input-shape", "1,3,28,28"],
+        1,
+        "does not fit",
+    ),
+    "rank not a number": (lambda f: _convert(f, "--rank", "high"), 2, "is not a rank"),
+    "rank zero": (lambda f: _convert(f, "--rank", "0"), 1, "rank=0 must be >= 1"),
+    "rank float above 1": (lambda f: _convert(f, "--rank", "1.5"), 1, "must lie in (0, 1)"),
+    "bad --init": (lambda f: _convert(f, "--init", "zeros"), 2, "invalid choice"),
+    "OUT folder missing": (lambda f: _convert(f, out="no/such/dir/out.pt"), 1, "does not exist"),
+    "OUT folder is a file": (_out_in_a_file, 1, "is a file, not a folder"),
+    "OUT is a directory": (lambda f: _convert(f, out="."), 1, "is a directory"),
+    "OUT equal to IN": (lambda f: _convert(f, "--force", out="in.pt"), 1, "is the input"),
+    "OUT equal to IN by another path": (lambda f: _convert(f, "--force", out="sub/../in.pt"), 1, "is the input"),
+    "OUT a link to IN": (_in_as_out, 1, "is the input"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case, work, capsys):
+    (work / "sub").mkdir()
+    build, expected_code, expected_text = BAD_INPUTS[case]
+    argv = build(work)
+    listing = sorted(os.listdir(work))
+    contents = {name: (work / name).read_bytes() for name in listing if (work / name).is_file()}
+    code, stdout, err = run(argv, capsys)
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    if expected_code == 1:
+        assert len(lines) == 1 and lines[0].startswith("convsep: error:"), err
+    else:
+        assert lines[0].startswith("usage:") and lines[-1].startswith("convsep convert: error:"), err
+    assert expected_text in lines[-1]
+    assert sorted(os.listdir(work)) == listing  # nothing written, no temp file left
+    for name, content in contents.items():
+        assert (work / name).read_bytes() == content, name
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_output_folder(work, capsys):
+    (work / "ro").mkdir()
+    os.chmod(work / "ro", 0o555)
+    try:
+        code, stdout, err = run(_convert(work, out="ro/out.pt"), capsys)
+    finally:
+        os.chmod(work / "ro", 0o755)
+    assert code == 1 and "not writable" in err and os.listdir(work / "ro") == []
+
+
+def test_safetensors_output_without_the_package(work, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    code, stdout, err = run(_convert(work, out="out.safetensors"), capsys)
+    assert code == 1 and "pip install convsep[safetensors]" in err
+    assert not (work / "out.safetensors").exists()
+
+
+def test_failure_while_writing_leaves_nothing(work, capsys, monkeypatch):
+    def no_space(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    listing = sorted(os.listdir(work))
+    code, stdout, err = run(_convert(work), capsys)
+    assert code == 1 and err.strip() == f"convsep: error: cannot write {work / 'out.pt'}: No space left on device"
+    assert sorted(os.listdir(work)) == listing

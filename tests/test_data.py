@@ -98,5 +98,5 @@ def test_unreadable_image_names_the_file(image_folder):
 
 def test_missing_pillow_says_which_extra_to_install(image_folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
-    with pytest.raises(convsep.MissingExtraError, match=r"convsep\[images\]"):
+    with pytest.raises(convsep.OptionalDependencyError, match=r"convsep\[images\]"):
         load_batches(image_folder)

@@ -1,0 +1,49 @@
+"""The converted model is an ordinary nn.Module: torch.compile, torch.export and ONNX take it."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import convsep
+from convsep.models import small_cnn
+from helpers import relative_error
+from zoo import FunctionalConvNet
+
+
+def _converted(factory=lambda: small_cnn(width=8), rank="full"):
+    torch.manual_seed(0)
+    model = factory().eval()
+    return model, convsep.convert(model, rank=rank)
+
+
+def test_torch_compile_runs_the_converted_model():
+    model, converted = _converted()
+    x = torch.randn(2, 1, 28, 28)
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("factory", [lambda: small_cnn(width=8), FunctionalConvNet], ids=["small_cnn", "functional"])
+def test_torch_export_captures_the_converted_model(factory):
+    model, converted = _converted(factory)
+    x = torch.randn(2, 1, 28, 28) if factory is not FunctionalConvNet else torch.randn(2, 3, 12, 12)
+    exported = torch.export.export(converted, (x,))
+    with torch.no_grad():
+        assert relative_error(exported.module()(x), model(x)) < 1e-4
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("convolution" in t or "conv2d" in t for t in targets)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+    reason="onnx and onnxscript are not installed (pip install onnx onnxscript to run this test)",
+)
+def test_onnx_export(tmp_path):
+    _, converted = _converted()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(converted, (torch.randn(1, 1, 28, 28),), str(path), dynamo=True)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
