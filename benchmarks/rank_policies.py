@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's convsep, not an installed one
 
 import convsep  # noqa: E402
+from common import machine_line  # noqa: E402
 from convsep.budget import allocate, brute_force, greedy, options_from_spectrum  # noqa: E402
 from convsep.count import conv_macs_per_position, separable_macs_per_position  # noqa: E402
 from convsep.models import small_cnn  # noqa: E402
@@ -201,8 +202,8 @@ def main(argv=None) -> int:
         f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
         f"(width 32) trained {args.epochs:g} epochs (seed {args.seed}, {trained:.0f} s), test accuracy on "
         f"{len(test_x):,} test images right after conversion, no backprop. Calibration: "
-        f"{len(calibration) * 128:,} training images, no labels. MACs per 28x28 image; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads.\n\n{table}\n\n"
+        f"{len(calibration) * 128:,} training images, no labels. MACs per 28x28 image; {machine_line()}; "
+        f"{time.time() - started:.0f} s in all.\n\n{table}\n\n"
         f"## Greedy budget allocation vs exhaustive search\n\n"
         f"Objective: sum over convs of squared relative weight error (lower is better); exhaustive search over "
         f"{combinations} combinations of per-layer ranks including 'keep'. `greedy`: convex-hull greedy alone; "
