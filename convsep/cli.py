@@ -26,7 +26,9 @@ from torch import nn
 from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError
+from .data import load_batches
 from .imports import resolve_callable
+from .ranks import parse_rank_override
 from .models import ZOO
 from .plan import plan_of
 from .version import __version__
@@ -43,7 +45,27 @@ def _convert(args: argparse.Namespace) -> int:
     shape = args.input_shape or loaded.checkpoint.input_shape
     x = _example_input(loaded.model, shape) if shape else None
     previous = plan_of(loaded.model)
-    converted = convert(loaded.model, rank=args.rank, init=args.init, include=args.include, exclude=args.exclude)
+    if x is None and (args.objective == "latency" or (args.budget is not None and args.budget_on == "macs")):
+        needs = "--objective latency" if args.objective == "latency" else "--budget on MACs"
+        raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
+    calibration = None
+    if args.calibrate_with:
+        image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and len(shape) == 4 else {}
+        calibration = load_batches(args.calibrate_with, **image_shape)
+    converted = convert(
+        loaded.model,
+        rank=args.rank,
+        init=args.init,
+        include=args.include,
+        exclude=args.exclude,
+        ranks=dict(args.rank_for or []) or None,
+        example_inputs=x,
+        budget=args.budget,
+        budget_on=args.budget_on,
+        objective=args.objective,
+        calibration_data=calibration,
+        calibration_batches=args.calibration_batches,
+    )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
     newly_converted = len(plan.converted) - (len(previous.converted) if previous else 0)
@@ -137,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--rank", default=1, type=_rank_arg, help="int, 'full', or an energy fraction in (0, 1) (default: 1)"
     )
+    convert_parser.add_argument(
+        "--rank-for", action="append", type=_cli_type(parse_rank_override), metavar="GLOB=R",
+        help="rank for the layers matching GLOB, e.g. 'layer3.*=2' or 'stem.conv=full' (repeatable; overrides --rank)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--budget", type=float, metavar="FRACTION",
+        help="choose ranks so the whole model keeps at most this fraction of its MACs (or params), e.g. 0.3",
+    )  # fmt: skip
+    convert_parser.add_argument("--budget-on", choices=("macs", "params"), default="macs", help="what --budget limits")
+    convert_parser.add_argument(
+        "--objective", choices=("macs", "latency"), default="macs",
+        help="'latency': convert only layers measured faster on this machine at --input-shape (default: macs)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--calibrate-with", metavar="DATA",
+        help="refit the pairs on real inputs: a folder of images, or package.module:callable returning batches",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--calibration-batches", type=int, metavar="N", help="use at most N batches of --calibrate-with"
+    )
     convert_parser.add_argument("--init", choices=("svd", "random"), default="svd", help="initialisation (default: svd)")
     convert_parser.add_argument(
         "--include", action="append", metavar="GLOB", help="convert only layers whose name matches (repeatable)"
@@ -214,16 +256,28 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _rank_arg(text: str):
+    """int, 'full' or float; whether the value is usable is convert's call (exit 1 with its message)."""
     if text == "full":
         return text
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rank: use an int, 'full', or a float in (0, 1)") from None
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a rank: use an int, 'full', or a float in (0, 1)")
+
+
+def _cli_type(parse):
+    """An argparse type from a parser of ours: its ConvsepError becomes a usage error (exit 2)."""
+
+    def convert_text(text: str):
+        try:
+            return parse(text)
+        except ConvsepError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert_text.__name__ = parse.__name__
+    return convert_text
 
 
 def _input_shape_arg(text: str) -> tuple[int, ...]:

@@ -484,3 +484,26 @@ def test_failure_while_writing_leaves_nothing(work, capsys, monkeypatch):
     code, stdout, err = run(_convert(work), capsys)
     assert code == 1 and err.strip() == f"convsep: error: cannot write {work / 'out.pt'}: No space left on device"
     assert sorted(os.listdir(work)) == listing
+
+
+def test_convert_with_budget_rank_overrides_objective_and_calibration(work, capsys, monkeypatch):
+    data_module = work / "calib.py"
+    data_module.write_text("import torch\n\ndef batches():\n    return [torch.randn(4, 1, 28, 28) for _ in range(2)]\n")
+    argv = _convert(work, "--input-shape", "1,1,28,28", "--budget", "0.5", "--rank-for", "0.0=full")
+    argv += ["--calibrate-with", f"{data_module}:batches", "--format", "json"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    totals = json.loads(stdout)["totals"]
+    assert totals["macs_after"] <= 0.5 * totals["macs_before"]
+    plan = convsep.load(work / "out.pt").plan
+    assert next(d for d in plan.layers if d.name == "0.0").rank == plan.layers[0].full_rank
+
+
+def test_budget_without_input_shape_is_refused(work, capsys):
+    code, _, err = run(_convert(work, "--budget", "0.5"), capsys)
+    assert code == 1 and "--budget on MACs needs --input-shape" in err
+
+
+def test_bad_rank_for_is_a_usage_error(work, capsys):
+    code, _, err = run(_convert(work, "--rank-for", "layer3"), capsys)
+    assert code == 2 and "must look like GLOB=RANK" in err
