@@ -8,7 +8,9 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
+    NonFiniteLossError,
 )
+from .finetune import finetune
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
 from .version import __version__
@@ -22,9 +24,11 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "NonFiniteLossError",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
     "__version__",
     "convert",
+    "finetune",
 ]

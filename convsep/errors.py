@@ -27,3 +27,7 @@ class CheckpointNotFoundError(ConvsepError, FileNotFoundError):
 
 class InputShapeError(ConvsepError, ValueError):
     """Example inputs do not fit the model."""
+
+
+class NonFiniteLossError(ConvsepError, FloatingPointError):
+    """Training met a NaN or infinite loss or gradient and stopped before applying it."""
