@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError
 from .data import load_batches
+from .finetune import finetune
 from .imports import resolve_callable
 from .ranks import parse_rank_override
 from .models import ZOO
@@ -99,6 +100,21 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     x = _example_input(after, shape)
     _print_report(before, after, x, args.format, args.latency, original_weights=loaded.original_weights)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
+    student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+    teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
+    data = load_batches(args.data)
+    tuned = finetune(
+        student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        trainable=args.trainable, verbose=sys.stderr.isatty(),
+    )  # fmt: skip
+    # Written only after training finished with finite losses: a failed run leaves no checkpoint.
+    save(tuned, args.output, input_shape=student.checkpoint.input_shape)
+    _note(f"wrote {args.output}")
     return 0
 
 
@@ -206,6 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("input", metavar="IN", help="checkpoint (.pt/.pth/.bin/.safetensors)")
     _add_model_options(report_parser)
     _add_report_options(report_parser)
+
+    finetune_parser = _subcommand(
+        commands,
+        "finetune",
+        help="fine-tune a converted checkpoint by distillation from the original",
+        description=(
+            "Train a converted checkpoint to match the original model's outputs (and the labels, when the "
+            "batches carry them), then write it as a convsep checkpoint. Nothing is written if training fails."
+        ),
+        examples=[
+            "convsep finetune model_sep.pt -o model_ft.pt --teacher model.pt --model mypkg.models:resnet18 "
+            "--data mypkg.data:train_batches",
+            "convsep finetune sep.pt -o ft.pt --teacher orig.pt --model net.py:Net --data data.py:batches --epochs 2 --lr 3e-4",
+        ],
+        run=_finetune,
+    )
+    finetune_parser.add_argument("input", metavar="CONVERTED", help="converted checkpoint to train")
+    finetune_parser.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the trained checkpoint")
+    finetune_parser.add_argument("--teacher", metavar="ORIGINAL", required=True, help="checkpoint of the original model")
+    finetune_parser.add_argument(
+        "--data", metavar="DATA", required=True,
+        help="package.module:callable (or path/to/file.py:callable) returning an iterable of batches, "
+        "each a tensor of inputs or a tuple (inputs, targets)",
+    )  # fmt: skip
+    _add_model_options(finetune_parser)
+    finetune_parser.add_argument("--epochs", type=int, default=1, help="passes over DATA (default: 1)")
+    finetune_parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --epochs")
+    finetune_parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    finetune_parser.add_argument(
+        "--trainable", choices=("all", "separable"), default="all", help="train every parameter or only the pairs"
+    )
+    finetune_parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     demo = _subcommand(
         commands,

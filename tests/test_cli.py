@@ -507,3 +507,57 @@ def test_budget_without_input_shape_is_refused(work, capsys):
 def test_bad_rank_for_is_a_usage_error(work, capsys):
     code, _, err = run(_convert(work, "--rank-for", "layer3"), capsys)
     assert code == 2 and "must look like GLOB=RANK" in err
+
+
+# --- finetune ------------------------------------------------------------------------------
+
+TRAIN_DATA = """
+import torch
+
+def batches():
+    torch.manual_seed(1)
+    return [torch.randn(8, 1, 28, 28) for _ in range(4)]
+
+def nan_batches():
+    return [torch.full((8, 1, 28, 28), float("nan"))]
+"""
+
+
+def _converted_checkpoint(work, capsys):
+    (work / "train.py").write_text(TRAIN_DATA)
+    code, _, err = run(_convert(work, out="sep.pt"), capsys)
+    assert code == 0, err
+    return work / "sep.pt"
+
+
+def test_finetune_trains_towards_the_teacher_and_writes_a_checkpoint(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    teacher = trained(work)
+    student = convsep.load(sep, model=small_cnn(width=4))
+    data = resolve_callable(f"{work / 'train.py'}:batches")()
+
+    def distance(model):
+        with torch.no_grad():
+            return sum(float((model(x) - teacher(x)).square().mean()) for x in data)
+
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    argv += ["--data", f"{work / 'train.py'}:batches", "--epochs", "3", "--lr", "3e-3"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    tuned = convsep.load(work / "ft.pt", model=small_cnn(width=4))
+    assert distance(tuned) < distance(student)
+    assert convsep.load(work / "ft.pt").plan.converted
+
+
+def test_finetune_with_nan_loss_fails_and_writes_nothing(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    code, _, err = run(argv + ["--data", f"{work / 'train.py'}:nan_batches"], capsys)
+    assert code == 1 and err.startswith("convsep: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (work / "ft.pt").exists()
+
+
+def test_finetune_needs_a_teacher(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    code, _, err = run(["finetune", sep, "-o", work / "ft.pt", "--data", "x:y"], capsys)
+    assert code == 2 and "--teacher" in err
