@@ -10,8 +10,10 @@ from .errors import (
     ConvsepTypeError,
     ConvsepValueError,
     InputShapeError,
+    NonFiniteLossError,
     OptionalDependencyError,
 )
+from .finetune import finetune
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from .plan import ConversionPlan, LayerDecision
 from .report import Report, report
@@ -27,6 +29,7 @@ __all__ = [
     "ConvsepValueError",
     "InputShapeError",
     "LayerDecision",
+    "NonFiniteLossError",
     "OptionalDependencyError",
     "Report",
     "SeparableConv1d",
@@ -35,6 +38,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "convert",
+    "finetune",
     "load",
     "report",
     "save",

@@ -26,7 +26,10 @@ from torch import nn
 from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError
+from .data import load_batches
+from .finetune import finetune
 from .imports import resolve_callable
+from .ranks import parse_rank_override
 from .models import ZOO
 from .plan import plan_of
 from .version import __version__
@@ -43,7 +46,27 @@ def _convert(args: argparse.Namespace) -> int:
     shape = args.input_shape or loaded.checkpoint.input_shape
     x = _example_input(loaded.model, shape) if shape else None
     previous = plan_of(loaded.model)
-    converted = convert(loaded.model, rank=args.rank, init=args.init, include=args.include, exclude=args.exclude)
+    if x is None and (args.objective == "latency" or (args.budget is not None and args.budget_on == "macs")):
+        needs = "--objective latency" if args.objective == "latency" else "--budget on MACs"
+        raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
+    calibration = None
+    if args.calibrate_with:
+        image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and len(shape) == 4 else {}
+        calibration = load_batches(args.calibrate_with, **image_shape)
+    converted = convert(
+        loaded.model,
+        rank=args.rank,
+        init=args.init,
+        include=args.include,
+        exclude=args.exclude,
+        ranks=dict(args.rank_for or []) or None,
+        example_inputs=x,
+        budget=args.budget,
+        budget_on=args.budget_on,
+        objective=args.objective,
+        calibration_data=calibration,
+        calibration_batches=args.calibration_batches,
+    )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
     newly_converted = len(plan.converted) - (len(previous.converted) if previous else 0)
@@ -77,6 +100,21 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     x = _example_input(after, shape)
     _print_report(before, after, x, args.format, args.latency, original_weights=loaded.original_weights)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
+    student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+    teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
+    data = load_batches(args.data)
+    tuned = finetune(
+        student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        trainable=args.trainable, verbose=sys.stderr.isatty(),
+    )  # fmt: skip
+    # Written only after training finished with finite losses: a failed run leaves no checkpoint.
+    save(tuned, args.output, input_shape=student.checkpoint.input_shape)
+    _note(f"wrote {args.output}")
     return 0
 
 
@@ -137,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--rank", default=1, type=_rank_arg, help="int, 'full', or an energy fraction in (0, 1) (default: 1)"
     )
+    convert_parser.add_argument(
+        "--rank-for", action="append", type=_cli_type(parse_rank_override), metavar="GLOB=R",
+        help="rank for the layers matching GLOB, e.g. 'layer3.*=2' or 'stem.conv=full' (repeatable; overrides --rank)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--budget", type=float, metavar="FRACTION",
+        help="choose ranks so the whole model keeps at most this fraction of its MACs (or params), e.g. 0.3",
+    )  # fmt: skip
+    convert_parser.add_argument("--budget-on", choices=("macs", "params"), default="macs", help="what --budget limits")
+    convert_parser.add_argument(
+        "--objective", choices=("macs", "latency"), default="macs",
+        help="'latency': convert only layers measured faster on this machine at --input-shape (default: macs)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--calibrate-with", metavar="DATA",
+        help="refit the pairs on real inputs: a folder of images, or package.module:callable returning batches",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--calibration-batches", type=int, metavar="N", help="use at most N batches of --calibrate-with"
+    )
     convert_parser.add_argument("--init", choices=("svd", "random"), default="svd", help="initialisation (default: svd)")
     convert_parser.add_argument(
         "--include", action="append", metavar="GLOB", help="convert only layers whose name matches (repeatable)"
@@ -164,6 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("input", metavar="IN", help="checkpoint (.pt/.pth/.bin/.safetensors)")
     _add_model_options(report_parser)
     _add_report_options(report_parser)
+
+    finetune_parser = _subcommand(
+        commands,
+        "finetune",
+        help="fine-tune a converted checkpoint by distillation from the original",
+        description=(
+            "Train a converted checkpoint to match the original model's outputs (and the labels, when the "
+            "batches carry them), then write it as a convsep checkpoint. Nothing is written if training fails."
+        ),
+        examples=[
+            "convsep finetune model_sep.pt -o model_ft.pt --teacher model.pt --model mypkg.models:resnet18 "
+            "--data mypkg.data:train_batches",
+            "convsep finetune sep.pt -o ft.pt --teacher orig.pt --model net.py:Net --data data.py:batches --epochs 2 --lr 3e-4",
+        ],
+        run=_finetune,
+    )
+    finetune_parser.add_argument("input", metavar="CONVERTED", help="converted checkpoint to train")
+    finetune_parser.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the trained checkpoint")
+    finetune_parser.add_argument("--teacher", metavar="ORIGINAL", required=True, help="checkpoint of the original model")
+    finetune_parser.add_argument(
+        "--data", metavar="DATA", required=True,
+        help="package.module:callable (or path/to/file.py:callable) returning an iterable of batches, "
+        "each a tensor of inputs or a tuple (inputs, targets)",
+    )  # fmt: skip
+    _add_model_options(finetune_parser)
+    finetune_parser.add_argument("--epochs", type=int, default=1, help="passes over DATA (default: 1)")
+    finetune_parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --epochs")
+    finetune_parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    finetune_parser.add_argument(
+        "--trainable", choices=("all", "separable"), default="all", help="train every parameter or only the pairs"
+    )
+    finetune_parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     demo = _subcommand(
         commands,
@@ -214,16 +304,28 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _rank_arg(text: str):
+    """int, 'full' or float; whether the value is usable is convert's call (exit 1 with its message)."""
     if text == "full":
         return text
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rank: use an int, 'full', or a float in (0, 1)") from None
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a rank: use an int, 'full', or a float in (0, 1)")
+
+
+def _cli_type(parse):
+    """An argparse type from a parser of ours: its ConvsepError becomes a usage error (exit 2)."""
+
+    def convert_text(text: str):
+        try:
+            return parse(text)
+        except ConvsepError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert_text.__name__ = parse.__name__
+    return convert_text
 
 
 def _input_shape_arg(text: str) -> tuple[int, ...]:

@@ -31,3 +31,7 @@ class InputShapeError(ConvsepError, ValueError):
 
 class OptionalDependencyError(ConvsepError, ImportError):
     """A feature needs an optional extra that is not installed (the message names it)."""
+
+
+class NonFiniteLossError(ConvsepError, FloatingPointError):
+    """Training met a NaN or infinite loss or gradient and stopped before applying it."""

@@ -484,3 +484,80 @@ def test_failure_while_writing_leaves_nothing(work, capsys, monkeypatch):
     code, stdout, err = run(_convert(work), capsys)
     assert code == 1 and err.strip() == f"convsep: error: cannot write {work / 'out.pt'}: No space left on device"
     assert sorted(os.listdir(work)) == listing
+
+
+def test_convert_with_budget_rank_overrides_objective_and_calibration(work, capsys, monkeypatch):
+    data_module = work / "calib.py"
+    data_module.write_text("import torch\n\ndef batches():\n    return [torch.randn(4, 1, 28, 28) for _ in range(2)]\n")
+    argv = _convert(work, "--input-shape", "1,1,28,28", "--budget", "0.5", "--rank-for", "0.0=full")
+    argv += ["--calibrate-with", f"{data_module}:batches", "--format", "json"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    totals = json.loads(stdout)["totals"]
+    assert totals["macs_after"] <= 0.5 * totals["macs_before"]
+    plan = convsep.load(work / "out.pt").plan
+    assert next(d for d in plan.layers if d.name == "0.0").rank == plan.layers[0].full_rank
+
+
+def test_budget_without_input_shape_is_refused(work, capsys):
+    code, _, err = run(_convert(work, "--budget", "0.5"), capsys)
+    assert code == 1 and "--budget on MACs needs --input-shape" in err
+
+
+def test_bad_rank_for_is_a_usage_error(work, capsys):
+    code, _, err = run(_convert(work, "--rank-for", "layer3"), capsys)
+    assert code == 2 and "must look like GLOB=RANK" in err
+
+
+# --- finetune ------------------------------------------------------------------------------
+
+TRAIN_DATA = """
+import torch
+
+def batches():
+    torch.manual_seed(1)
+    return [torch.randn(8, 1, 28, 28) for _ in range(4)]
+
+def nan_batches():
+    return [torch.full((8, 1, 28, 28), float("nan"))]
+"""
+
+
+def _converted_checkpoint(work, capsys):
+    (work / "train.py").write_text(TRAIN_DATA)
+    code, _, err = run(_convert(work, out="sep.pt"), capsys)
+    assert code == 0, err
+    return work / "sep.pt"
+
+
+def test_finetune_trains_towards_the_teacher_and_writes_a_checkpoint(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    teacher = trained(work)
+    student = convsep.load(sep, model=small_cnn(width=4))
+    data = resolve_callable(f"{work / 'train.py'}:batches")()
+
+    def distance(model):
+        with torch.no_grad():
+            return sum(float((model(x) - teacher(x)).square().mean()) for x in data)
+
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    argv += ["--data", f"{work / 'train.py'}:batches", "--epochs", "3", "--lr", "3e-3"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    tuned = convsep.load(work / "ft.pt", model=small_cnn(width=4))
+    assert distance(tuned) < distance(student)
+    assert convsep.load(work / "ft.pt").plan.converted
+
+
+def test_finetune_with_nan_loss_fails_and_writes_nothing(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    code, _, err = run(argv + ["--data", f"{work / 'train.py'}:nan_batches"], capsys)
+    assert code == 1 and err.startswith("convsep: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (work / "ft.pt").exists()
+
+
+def test_finetune_needs_a_teacher(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    code, _, err = run(["finetune", sep, "-o", work / "ft.pt", "--data", "x:y"], capsys)
+    assert code == 2 and "--teacher" in err

@@ -1,0 +1,494 @@
+"""finetune(model, data, teacher=original): win back, by training, the accuracy a conversion lost.
+
+After conversion the model is already close to the original, so the original is the best
+teacher there is: matching its outputs needs no labels (knowledge distillation, Hinton et al.
+2015), and labels, when the batches carry them, are added to that signal. The loss of a batch is
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, targets)
+
+for classifier outputs (2-d logits with at least two classes), and
+
+    alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, targets)
+
+for any other output. A batch without targets uses the first term alone (weight 1); without a
+teacher the second term alone is plain supervised training. The T^2 keeps the gradient of the soft
+term on the scale of the hard one whatever the temperature.
+
+Optimisation follows the usual recipe: AdamW (or SGD with momentum), a cosine schedule, gradient
+clipping, and no weight decay on depthwise filters (MobileNet: they hold few parameters, so decay
+mostly shrinks them) nor on biases and normalisation parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+from .batches import as_args, split_batch
+from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
+from .layers import _SeparableConvNd
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("auto", "kl", "mse")
+OPTIMIZERS = ("adamw", "sgd")
+TRAINABLE = ("all", "separable")
+DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 1e-4}
+
+LossFn = Callable[[Any, Optional[Any], Optional[Tensor]], Tensor]
+TrainableSpec = Union[str, Callable[[str, nn.Parameter], bool]]
+
+
+def finetune(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    teacher: Optional[nn.Module] = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    steps: Optional[int] = None,
+    loss: Union[str, LossFn] = "auto",
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    device: Union[str, torch.device, None] = None,
+    trainable: TrainableSpec = "all",
+    optimizer: str = "adamw",
+    weight_decay: Optional[float] = None,
+    clip_grad_norm: Optional[float] = 1.0,
+    verbose: bool = True,
+) -> nn.Module:
+    """Train `model` (usually the output of `convsep.convert`) in place and return it in eval mode.
+
+    data: an iterable of batches: a tensor of inputs, or a tuple `(inputs, targets)`; inputs may be a
+        tuple of tensors for several model inputs (see `convsep.batches`). Each epoch calls `iter(data)`
+        once, so a list or a DataLoader gives `epochs` passes; a one-shot generator or iterator gives one
+        pass only (later epochs find it empty: training stops there, with a warning).
+    teacher: the original model, for distillation. It runs in eval mode under `torch.no_grad()` and is
+        never changed (its parameters, buffers and training flags are as before; if it lives on another
+        device, a copy is moved). Without a teacher, every batch must carry targets.
+    epochs: passes over `data`. steps: if given, train exactly this many steps instead, cycling over
+        `data` as often as needed (epochs is then ignored).
+    lr: peak learning rate, decayed to 0 by a cosine schedule over the run. The schedule needs the
+        number of steps: `steps`, or `epochs * len(data)`; data without `len()` trains at a constant lr.
+        1e-3 suits AdamW; give SGD a larger one (e.g. 0.01 to 0.1).
+    loss: "kl" (classifier: KL at `temperature` against the teacher, cross-entropy against targets),
+        "mse" (any output: mean squared error against both), "auto" ("kl" when the output is 2-d with
+        at least two columns, else "mse"), or a callable `(student_out, teacher_out, targets) -> scalar`
+        (teacher_out / targets are None when absent) for outputs that are not one tensor.
+    temperature, alpha: the loss is `alpha * T^2 * KL + (1 - alpha) * CE` ("kl") or
+        `alpha * MSE(teacher) + (1 - alpha) * MSE(targets)` ("mse") when a batch has both a teacher and
+        targets; one term alone (weight 1) when it has one. alpha=1 ignores targets, alpha=0 the teacher.
+    device: where to train; default the model's device. The model is moved there and stays there.
+    trainable: "all" (every parameter with requires_grad), "separable" (only the depthwise + pointwise
+        pairs conversion made: everything else, norm running statistics included, stays as it is), or
+        a callable `(name, parameter) -> bool`. Frozen parameters get their requires_grad back after.
+    optimizer: "adamw" (default) or "sgd" (momentum 0.9). weight_decay: default 0.01 for AdamW, 1e-4
+        for SGD; never applied to depthwise filters, biases or normalisation parameters.
+    clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
+    verbose: a tqdm progress bar (loss, steps/s) on a terminal; quiet when stderr is not a TTY, when
+        verbose=False, or when tqdm (the `progress` extra) is not installed.
+
+    A step whose loss or gradient is NaN or infinite stops training with `NonFiniteLossError` naming the
+    step, before the optimiser runs: the model keeps the weights and buffers (norm statistics) of the
+    last finite step. Bad batches raise `InputShapeError`; data that yields no batch `ConvsepValueError`.
+    """
+    _check_arguments(
+        model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
+    )
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device)
+    named = _trainable_parameters(model, trainable)
+    if teacher is not None:
+        _check_teacher(model, teacher)
+        teacher = _on_device(teacher, device)
+
+    total = _total_steps(data, epochs, steps)
+    decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
+    opt = _make_optimizer(optimizer, _parameter_groups(model, named, decay), lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total)) if total else None
+    if total is None:
+        log.info("data has no len() and steps is None: training at a constant lr of %g", lr)
+    objective = _Objective(loss, temperature, alpha)
+    params = [p for _, p in named]
+    frozen = _freeze_all_but(model, params)
+    buffers = _BufferBackup(model)
+    teacher_flags = _eval_mode(teacher)
+    model.train()
+    _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
+    bar = _progress_bar(total, verbose)
+    try:
+        step, epoch, epoch_loss, epoch_steps = 0, 0, 0.0, 0
+        for batch_epoch, batch in _epochs(data, epochs, steps):
+            if batch_epoch != epoch:
+                epoch, epoch_loss, epoch_steps = batch_epoch, 0.0, 0
+            step += 1
+            buffers.save()
+            opt.zero_grad(set_to_none=True)
+            try:
+                inputs, targets = (_to_device(part, device) for part in split_batch(batch))
+                student_out = _run(model, inputs, step, "model")
+                teacher_out = None
+                if teacher is not None and objective.wants_teacher(targets is not None):
+                    with torch.no_grad():
+                        teacher_out = _run(teacher, inputs, step, "teacher")
+                value = objective(student_out, teacher_out, targets, step)
+                _check_finite(value, "loss", step, total, epoch, lr)
+                value.backward()
+                norm = nn.utils.clip_grad_norm_(params, clip_grad_norm or math.inf)
+                _check_finite(norm, "gradient norm", step, total, epoch, lr)
+            except BaseException:
+                opt.zero_grad(set_to_none=True)
+                buffers.restore()
+                raise
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            loss_value = value.item()
+            epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
+        if step == 0:
+            raise ConvsepValueError(
+                f"data yielded no batches ({type(data).__name__} was empty): pass an iterable of input tensors "
+                "or (inputs, targets) tuples"
+            )
+        log.info("fine-tuned %d steps; mean loss of the last epoch %.4f", step, epoch_loss / max(epoch_steps, 1))
+    finally:
+        if bar is not None:
+            bar.close()
+        _restore_training_flags(teacher_flags)
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    return model
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature: float = 2.0) -> Tensor:
+    """How far the student's outputs are from the teacher's: T^2 * KL at temperature T ("kl"), or MSE ("mse").
+
+    KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (the mean over samples of the
+    sum over classes, which is what KL means; "mean" over every element would divide by the class count).
+    """
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def target_loss(student: Tensor, targets: Tensor, kind: str = "kl") -> Tensor:
+    """The supervised term: cross-entropy against class indices or probabilities ("kl"), or MSE ("mse")."""
+    if kind == "mse":
+        return F.mse_loss(student, targets.to(student.dtype))
+    return F.cross_entropy(student, targets)
+
+
+class _Objective:
+    """The loss of one batch, from the student's outputs, the teacher's (or None) and the targets (or None)."""
+
+    def __init__(self, loss: Union[str, LossFn], temperature: float, alpha: float) -> None:
+        self.custom = loss if callable(loss) else None
+        self.kind = None if callable(loss) or loss == "auto" else loss
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def wants_teacher(self, has_targets: bool) -> bool:
+        return self.custom is not None or not has_targets or self.alpha > 0
+
+    def __call__(self, out: Any, teacher_out: Any, targets: Optional[Tensor], step: int) -> Tensor:
+        if self.custom is not None:
+            value = self.custom(out, teacher_out, targets)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {_describe(value)}")
+            return value.reshape(())
+        if not isinstance(out, Tensor):
+            raise ConvsepTypeError(
+                f"the model returns {type(out).__name__}, not a tensor: pass "
+                "loss=callable(student_out, teacher_out, targets) -> scalar tensor"
+            )
+        if teacher_out is None and targets is None:
+            raise ConvsepValueError(
+                f"batch {step} carries no targets and no teacher was given: pass teacher=the original model, "
+                "or batches (inputs, targets)"
+            )
+        if self.kind is None:
+            self.kind = "kl" if out.is_floating_point() and out.dim() == 2 and out.shape[1] >= 2 else "mse"
+            log.info("loss='auto': %r for outputs of shape %s", self.kind, tuple(out.shape))
+        soft = hard = None
+        if teacher_out is not None:
+            if not isinstance(teacher_out, Tensor) or teacher_out.shape != out.shape:
+                raise ConvsepValueError(
+                    f"batch {step}: the teacher's output ({_describe(teacher_out)}) does not match the student's "
+                    f"({_describe(out)}): the teacher must be the model the student was converted from"
+                )
+            soft = distillation_loss(out, teacher_out.to(out.dtype), self.kind, self.temperature)
+        if targets is not None and (soft is None or self.alpha < 1):
+            _check_targets(out, targets, self.kind, step)
+            hard = target_loss(out, targets, self.kind)
+        if soft is None:
+            return hard
+        if hard is None:
+            return soft
+        return self.alpha * soft + (1 - self.alpha) * hard
+
+
+def _check_targets(out: Tensor, targets: Tensor, kind: str, step: int) -> None:
+    if not isinstance(targets, Tensor):
+        raise ConvsepTypeError(f"batch {step}: targets must be a tensor, got {type(targets).__name__}")
+    class_indices = kind == "kl" and not targets.is_floating_point()
+    expected = tuple(out.shape[:1]) if class_indices else tuple(out.shape)
+    if tuple(targets.shape) != expected:
+        what = "class indices" if class_indices else "targets"
+        raise InputShapeError(
+            f"batch {step}: {what} of shape {tuple(targets.shape)} do not fit the model's output of shape "
+            f"{tuple(out.shape)}: expected shape {expected}"
+        )
+    if class_indices and targets.numel():
+        low, high, classes = int(targets.min()), int(targets.max()), out.shape[1]
+        if low < 0 or high >= classes:
+            raise ConvsepValueError(
+                f"batch {step}: class index {low if low < 0 else high} is outside [0, {classes}) "
+                f"for a model with {classes} outputs"
+            )
+
+
+def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float) -> None:
+    if torch.isfinite(value):
+        return
+    kept = f"the weights of step {step - 1}" if step > 1 else "its weights from before fine-tuning"
+    raise NonFiniteLossError(
+        f"fine-tuning stopped at step {step}{f' of {total}' if total else ''} (epoch {epoch}): the {what} is "
+        f"{value.item()}; the model keeps {kept}. Lower lr (now {lr:g}), clip gradients, or look for NaN/inf in the data"
+    )
+
+
+def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
+    args = as_args(inputs)
+    try:
+        return module(*args)
+    except RuntimeError as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputShapeError(f"batch {step}: the {who} cannot run on inputs {_describe(args)}: {message}") from err
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) pairs: `epochs` passes over data, or exactly `steps` batches cycling over it."""
+    taken, epoch = 0, 0
+    while steps is not None or epoch < epochs:
+        epoch += 1
+        yielded = 0
+        for batch in data:
+            yielded, taken = yielded + 1, taken + 1
+            yield epoch, batch
+            if steps is not None and taken >= steps:
+                return
+        if yielded == 0:
+            if epoch > 1:
+                warnings.warn(
+                    f"data yielded no batches in epoch {epoch}: stopped after {taken} steps. A one-shot iterator or "
+                    "generator can be read only once; pass a list or a re-iterable (such as a DataLoader) to train longer",
+                    stacklevel=3,
+                )
+            return
+
+
+def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[int]:
+    if steps is not None:
+        return steps
+    try:
+        per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return epochs * per_epoch if per_epoch > 0 else None
+
+
+def _cosine(total: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def _trainable_parameters(model: nn.Module, trainable: TrainableSpec) -> list[tuple[str, nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if callable(trainable):
+        chosen = [(n, p) for n, p in named if trainable(n, p)]
+    elif trainable == "all":
+        chosen = named
+    elif trainable == "separable":
+        in_pairs = {id(p) for m in model.modules() if isinstance(m, _SeparableConvNd) for p in m.parameters()}
+        if not in_pairs:
+            raise ConvsepValueError(
+                "trainable='separable' but the model has no SeparableConv layers: convert it first, or use trainable='all'"
+            )
+        chosen = [(n, p) for n, p in named if id(p) in in_pairs]
+    else:
+        raise ConvsepValueError(
+            f"trainable={trainable!r} is not known: use one of {', '.join(map(repr, TRAINABLE))} "
+            "or a callable (name, parameter) -> bool"
+        )
+    if not chosen:
+        raise ConvsepValueError(f"trainable={trainable!r} selects no parameter that requires grad: nothing to train")
+    return chosen
+
+
+def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], decay: float) -> list[dict]:
+    """Two optimiser groups: weight decay on matrices and dense kernels; none on depthwise filters, biases, norms."""
+    depthwise = {id(m.depthwise.weight) for m in model.modules() if isinstance(m, _SeparableConvNd)}
+    depthwise |= {
+        id(m.weight) for m in model.modules() if isinstance(m, _ConvNd) and m.groups == m.in_channels and m.groups > 1
+    }
+    no_decay = [p for _, p in named if p.dim() <= 1 or id(p) in depthwise]
+    decayed = [p for _, p in named if not (p.dim() <= 1 or id(p) in depthwise)]
+    groups = [{"params": decayed, "weight_decay": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _freeze_all_but(model: nn.Module, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Turn off requires_grad outside `params` (saves their gradients); the caller turns it back on."""
+    keep = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _keep_statistics_of_frozen_norms(model: nn.Module, trained: set[int], trainable: TrainableSpec) -> None:
+    """With a partial `trainable`, norm layers none of whose parameters train keep their running statistics."""
+    if trainable == "all":
+        return
+    for module in model.modules():
+        if isinstance(module, _NormBase) and not any(id(p) in trained for p in module.parameters(recurse=False)):
+            module.eval()
+
+
+class _BufferBackup:
+    """The model's buffers before a step, to put back if the step fails (train-mode BN updates them in forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = list(model.buffers())
+        self.copies = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        with torch.no_grad():
+            for copy_, buffer in zip(self.copies, self.buffers):
+                copy_.copy_(buffer)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for copy_, buffer in zip(self.copies, self.buffers):
+                buffer.copy_(copy_)
+
+
+def _eval_mode(teacher: Optional[nn.Module]) -> list[tuple[nn.Module, bool]]:
+    """Put the teacher in eval mode, returning every submodule's flag (they may differ) to restore after."""
+    if teacher is None:
+        return []
+    flags = [(m, m.training) for m in teacher.modules()]
+    teacher.eval()
+    return flags
+
+
+def _restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in flags:
+        module.training = training
+
+
+def _progress_bar(total: Optional[int], verbose: bool):
+    if not verbose:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        log.debug("tqdm is not installed (pip install 'convsep[progress]'): no progress bar")
+        return None
+    return tqdm(total=total, desc="finetune", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _on_device(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher itself if it is already on `device`, else a moved copy (the caller's teacher never moves)."""
+    tensors = list(teacher.parameters()) + list(teacher.buffers())
+    if all(t.device == device for t in tensors):
+        return teacher
+    return copy.deepcopy(teacher).to(device)
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:
+    if teacher is model:
+        raise ConvsepValueError(
+            "teacher is the model being fine-tuned: pass the original model (convert returns a copy unless inplace=True)"
+        )
+    shared = {id(p) for p in model.parameters()} & {id(p) for p in teacher.parameters()}
+    if shared:
+        raise ConvsepValueError(
+            f"the teacher shares {len(shared)} parameter(s) with the model, so training would change the teacher: "
+            "pass an independent copy of the original (convsep.convert without inplace=True gives one)"
+        )
+
+
+def _check_arguments(model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip):
+    if not isinstance(model, nn.Module):
+        raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ConvsepTypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    if isinstance(data, (Tensor, str, bytes)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+        hint = " (did you mean to call it?)" if callable(data) else ""
+        raise ConvsepTypeError(
+            f"data must be an iterable of batches (a list, a DataLoader, ...), got {type(data).__name__}{hint}"
+        )
+    for name, value, minimum in (("epochs", epochs, 1), ("steps", steps, 1)):
+        if value is None and name == "steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConvsepValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("lr", lr), ("temperature", temperature), ("clip_grad_norm", clip)):
+        if value is None and name == "clip_grad_norm":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConvsepValueError(f"{name} must be a positive finite number, got {value!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ConvsepValueError(f"alpha must be in [0, 1] (the weight of the teacher's term), got {alpha!r}")
+    if weight_decay is not None and (not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf):
+        raise ConvsepValueError(f"weight_decay must be a non-negative number or None, got {weight_decay!r}")
+    if not callable(loss) and loss not in LOSSES:
+        raise ConvsepValueError(f"loss={loss!r} is not known: use one of {', '.join(map(repr, LOSSES))} or a callable")
+    if optimizer not in OPTIMIZERS:
+        raise ConvsepValueError(f"optimizer={optimizer!r} is not known: use one of {', '.join(map(repr, OPTIMIZERS))}")

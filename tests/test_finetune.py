@@ -1,0 +1,280 @@
+import importlib.util
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import convsep
+from convsep.finetune import distillation_loss
+from helpers import assert_bitwise_equal, snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_net(classes: int = 4) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+    )  # fmt: skip
+
+
+def quadrant_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images whose class is the quadrant holding a bright patch: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 12, 12, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    for q in range(4):
+        r, c = divmod(q, 2)
+        x[y == q, :, 6 * r : 6 * r + 6, 6 * c : 6 * c + 6] += 1.5
+    return x, y
+
+
+def chunks(x, y=None, size=32):
+    return [(x[i : i + size], y[i : i + size]) if y is not None else x[i : i + size] for i in range(0, len(x), size)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is as fast as two, and does not fight a busy machine for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(teacher trained on labels by finetune itself, train batches, held-out inputs and labels)."""
+    torch.manual_seed(0)
+    x, y = quadrant_task(512, seed=0)
+    held_x, held_y = quadrant_task(256, seed=1)
+    teacher = convsep.finetune(small_net(), chunks(x, y), epochs=3, lr=1e-2, verbose=False)
+    return teacher, chunks(x, y), held_x, held_y
+
+
+def held_out_distillation_loss(student, teacher, x):
+    with torch.no_grad():
+        return float(distillation_loss(student(x), teacher(x)))
+
+
+def test_supervised_training_without_a_teacher_learns_the_task(trained):
+    teacher, _, held_x, held_y = trained
+    assert not teacher.training
+    accuracy = (teacher(held_x).argmax(1) == held_y).float().mean()
+    assert accuracy > 0.7, accuracy  # chance is 0.25
+
+
+def test_distillation_lowers_the_loss_and_leaves_the_teacher_bitwise_unchanged(trained):
+    teacher, batches, held_x, _ = trained
+    student = convsep.convert(teacher, rank=1)
+    teacher.train()
+    teacher[1].eval()  # mixed flags must come back exactly as they were
+    flags = [m.training for m in teacher.modules()]
+    before = snapshot(teacher)
+    try:
+        start = held_out_distillation_loss(student, teacher.eval(), held_x)
+        teacher.train()
+        teacher[1].eval()
+        result = convsep.finetune(student, [x for x, _ in batches], teacher=teacher, epochs=2, lr=3e-3, verbose=False)
+        assert [m.training for m in teacher.modules()] == flags
+        assert_bitwise_equal(before, teacher)
+    finally:
+        teacher.eval()
+    assert result is student and not student.training
+    end = held_out_distillation_loss(student, teacher, held_x)
+    assert end < 0.5 * start, (start, end)
+
+
+def test_labels_and_teacher_combine_as_documented():
+    torch.manual_seed(0)
+    student_out, teacher_out = torch.randn(8, 5), torch.randn(8, 5)
+    targets = torch.randint(0, 5, (8,))
+    soft = distillation_loss(student_out, teacher_out, "kl", temperature=3.0)
+    expected_soft = 9.0 * (
+        torch.softmax(teacher_out / 3, 1) * (torch.log_softmax(teacher_out / 3, 1) - torch.log_softmax(student_out / 3, 1))
+    ).sum(1).mean()
+    torch.testing.assert_close(soft, expected_soft)
+
+    seen = {}
+
+    class Probe(nn.Module):
+        """Returns fixed logits plus a trainable offset of 0, so the first loss is the formula's value."""
+
+        def __init__(self, outputs):
+            super().__init__()
+            self.outputs, self.offset = outputs, nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.outputs + self.offset
+
+    def record(student, teacher, targets):
+        value = 0.25 * distillation_loss(student, teacher, "kl", 3.0) + 0.75 * nn.functional.cross_entropy(student, targets)
+        seen.setdefault("custom", float(value.detach()))
+        return value
+
+    convsep.finetune(Probe(student_out), [(torch.zeros(8), targets)], teacher=Probe(teacher_out), loss=record,
+                     lr=1e-9, verbose=False)  # fmt: skip
+    expected = 0.25 * float(expected_soft) + 0.75 * float(nn.functional.cross_entropy(student_out, targets))
+    assert seen["custom"] == pytest.approx(expected, rel=1e-6)
+
+    from convsep.finetune import _Objective
+
+    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, step=1)
+    assert float(combined) == pytest.approx(expected, rel=1e-6)
+    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, 1)) == pytest.approx(float(soft))
+
+
+def test_mse_is_chosen_for_outputs_that_are_not_logits():
+    from convsep.finetune import _Objective
+
+    out, teacher_out = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    objective = _Objective("auto", 2.0, 0.5)
+    torch.testing.assert_close(objective(out, teacher_out, None, 1), nn.functional.mse_loss(out, teacher_out))
+    assert objective.kind == "mse"
+
+
+def test_trainable_separable_changes_only_the_pairs(trained):
+    teacher, batches, _, _ = trained
+    student = convsep.convert(teacher, rank=1)
+    outside = {k: v for k, v in snapshot(student).items() if ".depthwise." not in k and ".pointwise." not in k}
+    pairs = {k: v for k, v in snapshot(student).items() if k not in outside}
+    convsep.finetune(student, batches, teacher=teacher, trainable="separable", steps=4, lr=1e-2, verbose=False)
+    after = student.state_dict()
+    for key, value in outside.items():
+        assert torch.equal(after[key], value), key  # weights and BN running statistics alike
+    assert any(not torch.equal(after[key], value) for key, value in pairs.items())
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_no_weight_decay_on_depthwise_filters_biases_or_norms():
+    """With a zero gradient, AdamW moves a parameter only by its decay: exactly the decayed ones change."""
+    torch.manual_seed(0)
+    model = convsep.convert(small_net(), rank=1)
+    before = snapshot(model)
+    zero = lambda out, teacher_out, targets: 0.0 * out.sum()  # noqa: E731
+    convsep.finetune(model, [torch.randn(4, 3, 12, 12)], loss=zero, lr=0.1, weight_decay=0.5, verbose=False)
+    after = model.state_dict()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(after[name], before[name])
+        decays = param.dim() > 1 and ".depthwise." not in name  # pointwise and linear weights
+        assert changed == decays, name
+        if decays:
+            torch.testing.assert_close(after[name], before[name] * (1 - 0.1 * 0.5))
+
+
+def test_steps_cycle_over_the_data_and_the_lr_follows_a_cosine():
+    calls = []
+
+    def counting(out, teacher_out, targets):
+        calls.append(1)
+        return out.square().mean()
+
+    model = nn.Linear(3, 2)
+    convsep.finetune(model, [torch.randn(2, 3)] * 2, steps=5, loss=counting, verbose=False)
+    assert len(calls) == 5
+
+    from convsep.finetune import _cosine
+
+    schedule = _cosine(10)
+    assert schedule(0) == 1.0 and schedule(10) == pytest.approx(0.0) and schedule(5) == pytest.approx(0.5)
+
+
+def test_a_one_shot_generator_gives_one_epoch_with_a_warning():
+    calls = []
+
+    def counting(out, teacher_out, targets):
+        calls.append(1)
+        return out.square().mean()
+
+    generator = (torch.randn(2, 3) for _ in range(3))
+    with pytest.warns(UserWarning, match="one-shot"):
+        convsep.finetune(nn.Linear(3, 2), generator, epochs=2, loss=counting, verbose=False)
+    assert len(calls) == 3
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [[], iter([]), (x for x in [])], ids=["list", "iterator", "generator"])
+def test_data_that_yields_nothing_is_an_error(data):
+    with pytest.raises(convsep.ConvsepValueError, match="no batches"):
+        convsep.finetune(small_net(), data, teacher=small_net(), verbose=False)
+
+
+def test_inputs_of_the_wrong_shape_name_the_shape():
+    with pytest.raises(convsep.InputShapeError, match=r"batch 1.*\(4, 5, 12, 12\)"):
+        convsep.finetune(small_net(), [torch.randn(4, 5, 12, 12)], teacher=small_net(), verbose=False)
+
+
+def test_targets_of_the_wrong_shape_or_range_are_errors():
+    x = torch.randn(4, 3, 12, 12)
+    with pytest.raises(convsep.InputShapeError, match=r"\(3,\).*\(4, 4\)"):
+        convsep.finetune(small_net(), [(x, torch.zeros(3, dtype=torch.long))], verbose=False)
+    with pytest.raises(convsep.ConvsepValueError, match=r"class index 7 is outside \[0, 4\)"):
+        convsep.finetune(small_net(), [(x, torch.tensor([0, 1, 7, 2]))], verbose=False)
+
+
+def test_a_teacher_whose_outputs_do_not_match_is_an_error():
+    with pytest.raises(convsep.ConvsepValueError, match=r"teacher's output \(shape \(4, 5\).*student's \(shape \(4, 4\)"):
+        convsep.finetune(small_net(4), [torch.randn(4, 3, 12, 12)], teacher=small_net(5), verbose=False)
+
+
+def test_a_nan_loss_stops_at_that_step_and_keeps_the_last_finite_weights():
+    torch.manual_seed(0)
+    teacher, student = small_net().eval(), small_net()
+    good = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    bad = torch.full((4, 3, 12, 12), float("nan"))
+    reference = small_net()
+    reference.load_state_dict(student.state_dict())
+    # generators have no len(): both runs train at the same constant lr, so they must agree bitwise
+    convsep.finetune(reference, (b for b in good), teacher=teacher, verbose=False)
+    with pytest.raises(convsep.NonFiniteLossError, match="step 3 .*loss is nan.*weights of step 2"):
+        convsep.finetune(student, (b for b in good + [bad]), teacher=teacher, verbose=False)
+    assert_bitwise_equal(snapshot(reference), student)  # BN running statistics included
+    assert not student.training
+
+
+def test_bad_arguments_are_named():
+    model, data = small_net(), [torch.randn(2, 3, 12, 12)]
+    for kwargs, pattern in [
+        ({"epochs": 0}, "epochs"), ({"steps": -1}, "steps"), ({"lr": math.nan}, "lr"), ({"alpha": 1.5}, "alpha"),
+        ({"loss": "hinge"}, "hinge"), ({"optimizer": "lbfgs"}, "lbfgs"), ({"trainable": "some"}, "some"),
+        ({"temperature": 0}, "temperature"), ({"weight_decay": -1.0}, "weight_decay"),
+    ]:  # fmt: skip
+        with pytest.raises(convsep.ConvsepValueError, match=pattern):
+            convsep.finetune(model, data, teacher=small_net(), verbose=False, **kwargs)
+    with pytest.raises(convsep.ConvsepValueError, match="no targets and no teacher"):
+        convsep.finetune(model, data, verbose=False)
+    with pytest.raises(convsep.ConvsepValueError, match="teacher is the model"):
+        convsep.finetune(model, data, teacher=model, verbose=False)
+    with pytest.raises(convsep.ConvsepValueError, match="no SeparableConv"):
+        convsep.finetune(model, data, teacher=small_net(), trainable="separable", verbose=False)
+    with pytest.raises(convsep.ConvsepTypeError, match="did you mean to call it"):
+        convsep.finetune(model, lambda: data, teacher=small_net(), verbose=False)
+
+
+# --- the Fashion-MNIST example -----------------------------------------------------------------
+
+
+def load_example(name: str):
+    path = os.path.join(ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"convsep_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fashion_mnist_example_runs_in_quick_mode(capsys):
+    reader = load_example("fashion_mnist")
+    if not reader.available():
+        pytest.skip(f"Fashion-MNIST not found in {reader.data_dir()}: {reader.INSTALL_HINT}")
+    example = load_example("fashion_mnist_end_to_end")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert example.main(["--quick", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "fine-tuned" in out
