@@ -21,6 +21,7 @@ mostly shrinks them) nor on biases and normalisation parameters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -37,6 +38,7 @@ from torch.nn.modules.conv import _ConvNd
 from .batches import as_args, split_batch
 from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
+from .probe import cannot_run, describe_inputs, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def finetune(
     params = [p for _, p in named]
     frozen = _freeze_all_but(model, params)
     buffers = _BufferBackup(model)
-    teacher_flags = _eval_mode(teacher)
+    teacher_mode = contextlib.ExitStack()  # the teacher runs in eval mode; its own flags come back at the end
+    teacher_mode.enter_context(eval_mode(*([teacher] if teacher is not None else [])))
     model.train()
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
     bar = _progress_bar(total, verbose)
@@ -167,7 +170,7 @@ def finetune(
     finally:
         if bar is not None:
             bar.close()
-        _restore_training_flags(teacher_flags)
+        teacher_mode.close()
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
@@ -210,7 +213,7 @@ class _Objective:
         if self.custom is not None:
             value = self.custom(out, teacher_out, targets)
             if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {_describe(value)}")
+                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {describe_inputs(value)}")
             return value.reshape(())
         if not isinstance(out, Tensor):
             raise ConvsepTypeError(
@@ -229,8 +232,8 @@ class _Objective:
         if teacher_out is not None:
             if not isinstance(teacher_out, Tensor) or teacher_out.shape != out.shape:
                 raise ConvsepValueError(
-                    f"batch {step}: the teacher's output ({_describe(teacher_out)}) does not match the student's "
-                    f"({_describe(out)}): the teacher must be the model the student was converted from"
+                    f"batch {step}: the teacher's output is {describe_inputs(teacher_out)} but the student's is "
+                    f"{describe_inputs(out)}: the teacher must be the model the student was converted from"
                 )
             soft = distillation_loss(out, teacher_out.to(out.dtype), self.kind, self.temperature)
         if targets is not None and (soft is None or self.alpha < 1):
@@ -278,16 +281,7 @@ def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
     try:
         return module(*args)
     except RuntimeError as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputShapeError(f"batch {step}: the {who} cannot run on inputs {_describe(args)}: {message}") from err
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in value) + ")"
-    return type(value).__name__
+        raise cannot_run(f"batch {step}", who, args, err) from err
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -408,20 +402,6 @@ class _BufferBackup:
         with torch.no_grad():
             for copy_, buffer in zip(self.copies, self.buffers):
                 buffer.copy_(copy_)
-
-
-def _eval_mode(teacher: Optional[nn.Module]) -> list[tuple[nn.Module, bool]]:
-    """Put the teacher in eval mode, returning every submodule's flag (they may differ) to restore after."""
-    if teacher is None:
-        return []
-    flags = [(m, m.training) for m in teacher.modules()]
-    teacher.eval()
-    return flags
-
-
-def _restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in flags:
-        module.training = training
 
 
 def _progress_bar(total: Optional[int], verbose: bool):

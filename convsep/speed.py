@@ -78,7 +78,7 @@ def drop_slower_pairs(candidates: list, model: nn.Module, args: tuple, build_pai
             candidate.decision.reason = "objective='latency': never ran on the example inputs, so not timed"
             continue
         pair = build_pair(candidate)
-        with eval_mode(candidate.conv), eval_mode(pair):
+        with eval_mode(candidate.conv, pair):
             conv_seconds, pair_seconds = paired_medians(candidate.conv, pair, (x,), runs)
         if pair_seconds < conv_seconds * (1 - margin):
             gains[id(candidate)] = conv_seconds - pair_seconds
@@ -89,5 +89,5 @@ def drop_slower_pairs(candidates: list, model: nn.Module, args: tuple, build_pai
 
 
 def model_seconds(original: nn.Module, converted: nn.Module, args: tuple, runs: int) -> tuple[float, float]:
-    with eval_mode(original), eval_mode(converted):
+    with eval_mode(original, converted):
         return paired_medians(original, converted, args, runs)
