@@ -22,7 +22,6 @@ Gram matrix, so it does not depend on the scale of the activations.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
+from .devices import device_of, on_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
@@ -86,10 +86,9 @@ def calibrate(
     if device is not None:
         device = torch.device(device)
         converted.to(device)
-        if any(p.device != device for p in itertools.chain(original.parameters(), original.buffers())):
-            original = copy.deepcopy(original).to(device)
+        original = on_device(original, device)
     else:
-        device = next(itertools.chain(converted.parameters(), converted.buffers()), torch.empty(0)).device
+        device = device_of(converted)
     source = _Batches(data, batches, device)
 
     layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
@@ -188,7 +187,7 @@ class _Batches:
     def _inputs(self):
         for batch in itertools.islice(self.data, self.limit):
             inputs, _ = split_batch(batch)
-            yield _to(inputs, self.device)
+            yield to_device(inputs, self.device)
 
     def first(self):
         return next(self._inputs(), None)
@@ -200,14 +199,6 @@ class _Batches:
             samples += _samples(inputs)
             yield inputs
         self.count, self.samples = count, samples
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to(x, device) for x in inputs)
-    return inputs
 
 
 def _samples(inputs: Any) -> int:

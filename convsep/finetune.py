@@ -22,7 +22,6 @@ mostly shrinks them) nor on biases and normalisation parameters.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import sys
@@ -36,6 +35,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
+from .devices import device_of, on_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
 from .probe import cannot_run, describe_inputs, eval_mode
@@ -107,12 +107,12 @@ def finetune(
     _check_arguments(
         model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
     )
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     model.to(device)
     named = _trainable_parameters(model, trainable)
     if teacher is not None:
         _check_teacher(model, teacher)
-        teacher = _on_device(teacher, device)
+        teacher = on_device(teacher, device)
 
     total = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
@@ -138,7 +138,7 @@ def finetune(
             buffers.save()
             opt.zero_grad(set_to_none=True)
             try:
-                inputs, targets = (_to_device(part, device) for part in split_batch(batch))
+                inputs, targets = (to_device(part, device) for part in split_batch(batch))
                 student_out = _run(model, inputs, step, "model")
                 teacher_out = None
                 if teacher is not None and objective.wants_teacher(targets is not None):
@@ -284,14 +284,6 @@ def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
         raise cannot_run(f"batch {step}", who, args, err) from err
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
 def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple[int, Any]]:
     """(epoch, batch) pairs: `epochs` passes over data, or exactly `steps` batches cycling over it."""
     taken, epoch = 0, 0
@@ -413,22 +405,6 @@ def _progress_bar(total: Optional[int], verbose: bool):
         log.debug("tqdm is not installed (pip install 'convsep[progress]'): no progress bar")
         return None
     return tqdm(total=total, desc="finetune", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _on_device(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """The teacher itself if it is already on `device`, else a moved copy (the caller's teacher never moves)."""
-    tensors = list(teacher.parameters()) + list(teacher.buffers())
-    if all(t.device == device for t in tensors):
-        return teacher
-    return copy.deepcopy(teacher).to(device)
 
 
 def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:
