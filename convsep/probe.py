@@ -82,7 +82,7 @@ def _describe(value: Any) -> str:
 
 
 def cannot_run(where: str, who: str, inputs: Any, error: BaseException) -> InputShapeError:
-    """The error for a model that failed on inputs: where, which model, on which inputs, and the first line of its error."""
+    """The error for a model that failed on inputs: where, which model, which inputs, and its own error's first line."""
     return InputShapeError(f"{where}: the {who} cannot run on inputs {describe_inputs(inputs)}: {error_summary(error)}")
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .probe import eval_mode
+from .probe import cannot_run, eval_mode
 
 
 def paired_medians(first: Callable, second: Callable, args: tuple, runs: int, warmup: int = 2) -> tuple[float, float]:
@@ -51,6 +51,8 @@ def layer_inputs(model: nn.Module, layers: Sequence[nn.Module], args: tuple) -> 
     try:
         with eval_mode(model), torch.no_grad():
             model(*args)
+    except Exception as error:  # the user's model can fail in any way on inputs it cannot take
+        raise cannot_run("objective='latency'", "model", args, error) from error
     finally:
         for handle in handles:
             handle.remove()
