@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -40,6 +39,7 @@ from .errors import ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def calibrate(
         not_run = [layer.decision.name for layer in layers if id(layer.pair) not in calls]
         if not_run:
             warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
-        progress = _progress_bar(len(order) * source.count if source.count else 0, verbose)
+        total = len(order) * source.count if source.count else 0
+        progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
         results = {}
         try:
             for pair_id in order:  # in the order the model runs them, so each fit sees the ones before it
@@ -466,14 +467,3 @@ def _fit(pair: _SeparableConvNd, stats: _LayerStats, ridge: float, alternate: in
         _refit_depthwise(pair, stats, ridge)
         _, after = _refit_pointwise(pair, stats, ridge)
     return before, after
-
-
-def _progress_bar(total: int, verbose: bool):
-    """A tqdm bar on stderr when asked for and stderr is a terminal; None otherwise (tqdm is optional)."""
-    if not verbose or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total or None, desc="calibrating", unit="batch", leave=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -39,6 +38,7 @@ from .devices import device_of, on_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
 from .probe import cannot_run, describe_inputs, eval_mode
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def finetune(
     teacher_mode.enter_context(eval_mode(*([teacher] if teacher is not None else [])))
     model.train()
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
-    bar = _progress_bar(total, verbose)
+    bar = progress_bar(total, verbose, "finetune", "step")
     try:
         step, epoch, epoch_loss, epoch_steps = 0, 0, 0.0, 0
         for batch_epoch, batch in _epochs(data, epochs, steps):
@@ -394,17 +394,6 @@ class _BufferBackup:
         with torch.no_grad():
             for copy_, buffer in zip(self.copies, self.buffers):
                 buffer.copy_(copy_)
-
-
-def _progress_bar(total: Optional[int], verbose: bool):
-    if not verbose:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        log.debug("tqdm is not installed (pip install 'convsep[progress]'): no progress bar")
-        return None
-    return tqdm(total=total, desc="finetune", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True)
 
 
 def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:
