@@ -22,12 +22,9 @@ Gram matrix, so it does not depend on the scale of the activations.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import itertools
 import logging
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -35,14 +32,14 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
-from torch.overrides import TorchFunctionMode
 
 from .batches import as_args, split_batch
-from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError
+from .devices import device_of, on_device, to_device
+from .errors import ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
-from .probe import eval_mode
-from .trace import FUNCTIONAL_CONV_DIMS
+from .probe import ConvCalls, cannot_run, eval_mode
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +86,20 @@ def calibrate(
     if device is not None:
         device = torch.device(device)
         converted.to(device)
-        if any(p.device != device for p in itertools.chain(original.parameters(), original.buffers())):
-            original = copy.deepcopy(original).to(device)
+        original = on_device(original, device)
     else:
-        device = next(itertools.chain(converted.parameters(), converted.buffers()), torch.empty(0)).device
+        device = device_of(converted)
     source = _Batches(data, batches, device)
 
     layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
-    with _evaluating(converted, original):
+    with eval_mode(converted, original), torch.no_grad():
         order, calls = _run_order(converted, [layer.pair for layer in layers], source.first())
         by_pair = {id(layer.pair): layer for layer in layers}
         not_run = [layer.decision.name for layer in layers if id(layer.pair) not in calls]
         if not_run:
             warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
-        progress = _progress_bar(len(order) * source.count if source.count else 0, verbose)
+        total = len(order) * source.count if source.count else 0
+        progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
         results = {}
         try:
             for pair_id in order:  # in the order the model runs them, so each fit sees the ones before it
@@ -191,7 +188,7 @@ class _Batches:
     def _inputs(self):
         for batch in itertools.islice(self.data, self.limit):
             inputs, _ = split_batch(batch)
-            yield _to(inputs, self.device)
+            yield to_device(inputs, self.device)
 
     def first(self):
         return next(self._inputs(), None)
@@ -203,14 +200,6 @@ class _Batches:
             samples += _samples(inputs)
             yield inputs
         self.count, self.samples = count, samples
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to(x, device) for x in inputs)
-    return inputs
 
 
 def _samples(inputs: Any) -> int:
@@ -253,51 +242,15 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass once it has shown what was needed."""
 
 
-class _ConvCalls(TorchFunctionMode):
-    """Calls `callback(weight, input, output)` after every conv call (F.convNd, which nn.ConvNd calls too)."""
-
-    def __init__(self, callback) -> None:
-        super().__init__()
-        self.callback = callback
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        output = func(*args, **kwargs)
-        if func in FUNCTIONAL_CONV_DIMS:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.callback(weight, args[0] if args else kwargs["input"], output)
-        return output
-
-
-@contextlib.contextmanager
-def _evaluating(*models: nn.Module):
-    """Eval mode and no gradients inside; every module's own train/eval flag restored after."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            stack.enter_context(eval_mode(model))
-        stack.enter_context(torch.no_grad())
-        yield
-
-
-def _describe(inputs: Any) -> str:
-    if isinstance(inputs, Tensor):
-        return f"a tensor of shape {tuple(inputs.shape)}"
-    if isinstance(inputs, (tuple, list)):
-        return "(" + ", ".join(_describe(x) for x in inputs) + ")"
-    return f"a {type(inputs).__name__}"
-
-
-def _forward(model: nn.Module, inputs: Any, what: str) -> None:
+def _forward(model: nn.Module, inputs: Any, where: str, who: str = "model") -> None:
     """model(*inputs), with a clear InputShapeError when the model cannot take them."""
+    args = as_args(inputs)
     try:
-        model(*as_args(inputs))
+        model(*args)
     except _StopForward:
         raise
     except Exception as error:  # the model's own code can fail in any way on inputs it cannot take
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise InputShapeError(
-            f"the model cannot run on {what} ({_describe(inputs)}): {type(error).__name__}: {first}"
-        ) from error
+        raise cannot_run(where, who, args, error) from error
 
 
 def _run_order(converted: nn.Module, pairs: list[_SeparableConvNd], inputs: Any) -> tuple[list[int], dict[int, int]]:
@@ -309,7 +262,7 @@ def _run_order(converted: nn.Module, pairs: list[_SeparableConvNd], inputs: Any)
 
     handles = [pair.register_forward_pre_hook(record) for pair in {id(p): p for p in pairs}.values()]
     try:
-        _forward(converted, inputs, what="the first calibration batch")
+        _forward(converted, inputs, "the first calibration batch", "converted model")
     finally:
         for handle in handles:
             handle.remove()
@@ -320,15 +273,15 @@ def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected
     """The outputs of the conv calls that use `weight`, stopping the forward once all have been seen."""
     outputs: list[Tensor] = []
 
-    def keep(used_weight, _input, output):
-        if used_weight is weight:
+    def keep(conv: dict[str, Any], output: Tensor) -> None:
+        if conv.get("weight") is weight:
             outputs.append(output)
             if len(outputs) == expected:
                 raise _StopForward
 
     try:
-        with _ConvCalls(keep):
-            _forward(original, inputs, what="a calibration batch (original model)")
+        with ConvCalls(keep):
+            _forward(original, inputs, "a calibration batch", "original model")
     except _StopForward:
         pass
     return outputs
@@ -345,7 +298,7 @@ def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: i
 
     handle = pair.register_forward_pre_hook(keep)
     try:
-        _forward(converted, inputs, what="a calibration batch")
+        _forward(converted, inputs, "a calibration batch", "converted model")
     except _StopForward:
         pass
     finally:
@@ -514,14 +467,3 @@ def _fit(pair: _SeparableConvNd, stats: _LayerStats, ridge: float, alternate: in
         _refit_depthwise(pair, stats, ridge)
         _, after = _refit_pointwise(pair, stats, ridge)
     return before, after
-
-
-def _progress_bar(total: int, verbose: bool):
-    """A tqdm bar on stderr when asked for and stderr is a terminal; None otherwise (tqdm is optional)."""
-    if not verbose or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total or None, desc="calibrating", unit="batch", leave=False)

@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from .convert import rebuild
-from .errors import CheckpointError, CheckpointNotFoundError, ConvsepTypeError, OptionalDependencyError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConvsepTypeError,
+    OptionalDependencyError,
+    error_summary,
+    first_line,
+)
 from .plan import ConversionPlan, plan_of
 from .version import __version__
 
@@ -206,7 +213,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sourc
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}): {_first_line(error)}") from None
+        raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}): {first_line(error)}") from None
 
 
 def check_destination(path: PathLike, *, overwrite: bool, sources: tuple[PathLike, ...] = ()) -> None:
@@ -258,7 +265,7 @@ def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> Checkpoint
             content = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
-            raise CheckpointError(f"{shown} is corrupt or not a checkpoint ({_first_line(error)})") from None
+            raise CheckpointError(f"{shown} is corrupt or not a checkpoint ({first_line(error)})") from None
         if not trust_pickle:
             found = re.search(r"GLOBAL (\S+)", str(error))
             what = f" ({found.group(1)})" if found else ""
@@ -268,7 +275,7 @@ def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> Checkpoint
             ) from None
         content = _unpickle(path, map_location)
     except Exception as error:  # torch reports truncation and corruption with many exception types
-        raise CheckpointError(f"{shown} is truncated or corrupt ({type(error).__name__}: {_first_line(error)})") from None
+        raise CheckpointError(f"{shown} is truncated or corrupt ({error_summary(error)})") from None
     return _interpret(content, shown)
 
 
@@ -278,11 +285,11 @@ def _unpickle(path: Path, map_location: Any) -> Any:
             return torch.load(f, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError) as error:
         raise CheckpointError(
-            f"{path} holds a pickled object whose class cannot be found ({type(error).__name__}: {_first_line(error)}); "
+            f"{path} holds a pickled object whose class cannot be found ({error_summary(error)}); "
             "make its module importable (run from its project folder), or save a state_dict and pass --model"
         ) from None
     except Exception as error:
-        raise CheckpointError(f"{path} could not be unpickled ({type(error).__name__}: {_first_line(error)})") from None
+        raise CheckpointError(f"{path} could not be unpickled ({error_summary(error)})") from None
 
 
 def _interpret(content: Any, shown: str) -> Checkpoint:
@@ -332,7 +339,7 @@ def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
             metadata = f.metadata() or {}
         tensors = safetensors_torch.load_file(str(path), device=device)
     except Exception as error:  # SafetensorError: truncated or malformed header
-        raise CheckpointError(f"{shown} is a truncated or corrupt safetensors file ({_first_line(error)})") from None
+        raise CheckpointError(f"{shown} is a truncated or corrupt safetensors file ({first_line(error)})") from None
     if _META_FORMAT not in metadata:
         return Checkpoint(shown, tensors)
     shape = metadata.get(_META_SHAPE)
@@ -471,9 +478,4 @@ def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
 def _first(items: list[str], n: int = 5, sep: str = ", ") -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return sep.join(items[:n]) + more
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
-from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, error_summary
 from .data import load_batches
 from .finetune import finetune
 from .imports import resolve_callable
@@ -381,7 +381,7 @@ def _build_model(spec: str) -> nn.Module:
     try:
         model = factory()
     except Exception as error:  # user code: anything can go wrong there
-        raise ConvsepValueError(f"--model {spec!r}: calling it failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise ConvsepValueError(f"--model {spec!r}: calling it failed ({error_summary(error)})") from None
     if not isinstance(model, nn.Module):
         raise ConvsepTypeError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -396,7 +396,7 @@ def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
             model(x)
     except Exception as error:  # user code: the shape check is whatever the model's forward rejects
         raise InputShapeError(
-            f"input shape {_shape_text(shape)} does not fit the model ({type(error).__name__}: {_first_line(error)})"
+            f"input shape {_shape_text(shape)} does not fit the model ({error_summary(error)})"
         ) from None
     return x
 
@@ -440,11 +440,6 @@ def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:
 
 def _shape_text(shape: Sequence[int]) -> str:
     return ",".join(map(str, shape))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _note(text: str) -> None:

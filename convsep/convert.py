@@ -13,13 +13,12 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .version import __version__
 from .budget import allocate, cheapest_cost, options_from_spectrum
 from .calibrate import calibrate
 from .count import (
@@ -33,15 +32,16 @@ from .count import (
     separable_params,
 )
 from .errors import ConvsepTypeError, ConvsepValueError
-from .factorize import ChannelSVD, channel_svd, full_rank, discarded_energy_fraction
-from .layers import INITS, SEPARABLE_FOR_DIMS, _SeparableConvNd
+from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank
+from .layers import INITS, SEPARABLE_FOR_DIMS, conv_layers
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
 from .probe import example_args, probe
-from .report import report
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
-from .speed import drop_slower_pairs, model_seconds
+from .report import report
 from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
-from .trace import FunctionalConv, discover, parameter, rewrite
+from .speed import drop_slower_pairs, model_seconds
+from .trace import Discovery, FunctionalConv, discover, parameter, rewrite
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +87,31 @@ def convert(
 
     rank: an int (depthwise filters per input channel, capped at each layer's full rank),
         "full" (exact), or a float in (0, 1) (the smallest rank keeping that share of each
-        kernel's spectral energy). A numeric rank that would not save MACs leaves the layer as it is.
+        kernel's spectral energy). A rank other than "full" that would not save MACs leaves
+        the layer as it is.
     init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
-    include / exclude: glob patterns on qualified names, or a callable (name, module) -> bool.
+    include, exclude: glob patterns on qualified names (one or a list), or a callable
+        (name, module) -> bool; exclude wins. A pattern that matches nothing warns.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
-    objective: "macs" (convert wherever the rank saves MACs) or "latency" (with example_inputs: time
-        each layer and its pair on this device and input shape, convert only where the pair is
-        measured faster, then revert layers until the whole model is measured faster than the
-        original; functional convs are not timed and stay as they are).
     ranks: per-layer overrides of `rank`, glob -> rank spec; an exact name wins over a glob,
         then the first glob that matches.
-    example_inputs, verbose: with verbose=True, print the before-and-after report on these inputs
-        (a tensor or a tuple of tensors; see convsep.report), or the plan's summary without them.
-        example_inputs are also what budget_on="macs" measures MACs on (one forward pass).
-    budget: a share in (0, 1] of the whole model's cost (`budget_on`: "macs" or "params") that the
-        converted model may keep; per-layer ranks, and which layers to leave as they are, are then
-        chosen to minimise the sum of squared relative weight errors (see budget.py). Replaces
-        `rank`; layers named in `ranks` keep their override and count at its cost.
+    example_inputs: a tensor or a tuple of tensors (the model's positional inputs), needed by
+        objective="latency" and budget_on="macs" (one forward pass) and shown by verbose.
+    verbose: print the before-and-after report on example_inputs (see convsep.report), or the
+        plan's summary without them; with calibration_data, also each layer's calibration error.
+    objective: "macs" (convert wherever the rank saves MACs) or "latency" (needs example_inputs:
+        time each layer and its pair on this device and input shape, convert only where the pair
+        is measured faster, then revert layers until the whole model is measured faster than the
+        original; functional convs are not timed and stay as they are). Not with `budget`.
+    budget: a share in (0, 1] of the whole model's cost that the converted model may keep;
+        per-layer ranks, and which layers to leave as they are, are then chosen to minimise the
+        sum of squared relative weight errors (see budget.py). Replaces `rank`; layers named in
+        `ranks` keep their override and count at its cost.
+    budget_on: what `budget` counts: "macs" (measured on example_inputs) or "params".
     calibration_data: an iterable of batches (tensors, or tuples whose first item is the input):
         after conversion, the pairs are refitted to reproduce the original layers' outputs on it
-        (see `convsep.calibrate`); `calibration_batches` caps how many batches are used.
+        (see convsep.calibrate).
+    calibration_batches: use at most this many batches of calibration_data (default: all).
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
@@ -179,14 +184,14 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     """
     work = copy.deepcopy(model)
     wanted = {d.name: d for d in plan.converted}
-    found = discover(work) if any(d.kind.startswith("F.") for d in wanted.values()) else _no_functional()
+    found = discover(work) if any(d.kind.startswith("F.") for d in wanted.values()) else Discovery()
     _, candidates = _consider_all(work, found, LayerFilter(include=list(wanted) or None), explicit_all=True)
     by_name = {c.decision.name: c for c in candidates}
     missing = [name for name in wanted if name not in by_name]
     if missing:
         raise ConvsepValueError(
-            f"the conversion plan names layers this model does not have as convertible convs: {', '.join(missing[:5])}; "
-            "was the checkpoint made from another architecture?"
+            "the conversion plan names layers this model does not have as convertible convs: "
+            f"{', '.join(missing[:5])}; was the checkpoint made from another architecture?"
         )
     chosen = []
     for name, recorded in wanted.items():
@@ -198,23 +203,18 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     return work
 
 
-def _no_functional():
-    from .trace import Discovery
-
-    return Discovery()
-
-
 def _consider_all(work, found, selection, explicit_all=False):
     """A decision for every conv in the model, and the candidates among them that qualify."""
     decisions, candidates = [], []
-    weights_used_functionally = {
-        id(p) for site in found.functional if (p := parameter(work.get_submodule(site.owner), site.weight_target)) is not None
-    }
+    functional_weights = (parameter(work.get_submodule(site.owner), site.weight_target) for site in found.functional)
+    weights_used_functionally = {id(p) for p in functional_weights if p is not None}
     for site in found.functional:
         decision, candidate = _consider_functional(work, site, selection)
         decisions.append(decision)
         candidates += [candidate] if candidate else []
-    for name, module in _conv_modules(work):
+    for name, module in conv_layers(work):
+        if not is_candidate(module):
+            continue
         decision, candidate = _consider_module(name, module, selection, weights_used_functionally, explicit_all)
         decisions.append(decision)
         candidates += [candidate] if candidate else []
@@ -231,7 +231,8 @@ def _assign_rank(candidate: Candidate, spec: RankSpec, init: str) -> None:
     if spec != "full" and not saves_macs(conv.out_channels, conv.in_channels, k, conv.groups, r):
         decision.reason = (
             f"rank {r} would not save MACs here (the pair saves only below rank "
-            f"{break_even_rank(conv.out_channels, conv.in_channels, k, conv.groups):.2f}); use rank='full' to convert anyway"
+            f"{break_even_rank(conv.out_channels, conv.in_channels, k, conv.groups):.2f}); "
+            "use rank='full' to convert anyway"
         )
         return
     _convert_at(candidate, r, S if init == "svd" else None)
@@ -306,9 +307,10 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
             _convert_at(candidate, choice, candidate.spectrum().S if init == "svd" else None)
         elif not layer.rank_costs:
             conv = candidate.conv
+            k = kernel_elements(conv.kernel_size)
             candidate.decision.reason = (
                 f"no rank saves {what} here (the pair saves only below rank "
-                f"{break_even_rank(conv.out_channels, conv.in_channels, kernel_elements(conv.kernel_size), conv.groups):.2f})"
+                f"{break_even_rank(conv.out_channels, conv.in_channels, k, conv.groups):.2f})"
                 if layer.keep_cost
                 else "it did not run on example_inputs, so converting it saves no MACs"
             )
@@ -332,19 +334,8 @@ def _path_taken(found) -> str:
     return "fx+module-tree" if found.traced else "module-tree"
 
 
-def _conv_modules(root: nn.Module):
-    """(name, conv) for every convolution in the tree, once each, not looking inside our own pairs."""
-    pairs: list[str] = []
-    for name, module in root.named_modules():
-        if any(name.startswith(p + ".") for p in pairs):
-            continue
-        if isinstance(module, _SeparableConvNd):
-            pairs.append(name)
-        elif is_candidate(module):
-            yield name, module
-
-
-def _describe(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
+def _undecided(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
+    """The decision for a conv before it is considered: not converted, with its shape recorded."""
     return LayerDecision(
         name=name,
         kind=kind,
@@ -360,7 +351,7 @@ def _describe(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
 
 def _consider_module(name, module, selection, weights_used_functionally, explicit_all=False):
     explicit_reason, explicit = selection.why_not(name, module)
-    decision = _describe(name, type(module).__name__, module)
+    decision = _undecided(name, type(module).__name__, module)
     reason = explicit_reason or layer_why_not(module, explicit or explicit_all)
     if reason is None and id(module.weight) in weights_used_functionally:
         reason = "its weight is also used by a functional conv elsewhere"
@@ -384,7 +375,7 @@ def _consider_functional(root, site: FunctionalConv, selection):
             why = "bias is computed in forward, not a parameter"
         return LayerDecision(name=name, kind=kind, converted=False, reason=why, module=name), None
     conv = _stand_in(site.dims, weight, bias, constants)
-    decision = _describe(name, kind, conv)
+    decision = _undecided(name, kind, conv)
     decision.module = _qualified(site.owner, site.weight_target + "_separable")
     reason, _ = selection.why_not(name, conv)
     if isinstance(owner.get_submodule(site.weight_target.rpartition(".")[0]), _ConvNd):

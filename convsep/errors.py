@@ -35,3 +35,15 @@ class OptionalDependencyError(ConvsepError, ImportError):
 
 class NonFiniteLossError(ConvsepError, FloatingPointError):
     """Training met a NaN or infinite loss or gradient and stopped before applying it."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def error_summary(error: BaseException) -> str:
+    """'TypeError: first line of the message', or just the type name if the message is empty."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -21,10 +21,9 @@ mostly shrinks them) nor on biases and normalisation parameters.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
-import sys
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -35,8 +34,11 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
+from .devices import device_of, on_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
+from .probe import cannot_run, describe_inputs, eval_mode
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,12 @@ def finetune(
     _check_arguments(
         model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
     )
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     model.to(device)
     named = _trainable_parameters(model, trainable)
     if teacher is not None:
         _check_teacher(model, teacher)
-        teacher = _on_device(teacher, device)
+        teacher = on_device(teacher, device)
 
     total = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
@@ -122,10 +124,11 @@ def finetune(
     params = [p for _, p in named]
     frozen = _freeze_all_but(model, params)
     buffers = _BufferBackup(model)
-    teacher_flags = _eval_mode(teacher)
+    teacher_mode = contextlib.ExitStack()  # the teacher runs in eval mode; its own flags come back at the end
+    teacher_mode.enter_context(eval_mode(*([teacher] if teacher is not None else [])))
     model.train()
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
-    bar = _progress_bar(total, verbose)
+    bar = progress_bar(total, verbose, "finetune", "step")
     try:
         step, epoch, epoch_loss, epoch_steps = 0, 0, 0.0, 0
         for batch_epoch, batch in _epochs(data, epochs, steps):
@@ -135,7 +138,7 @@ def finetune(
             buffers.save()
             opt.zero_grad(set_to_none=True)
             try:
-                inputs, targets = (_to_device(part, device) for part in split_batch(batch))
+                inputs, targets = (to_device(part, device) for part in split_batch(batch))
                 student_out = _run(model, inputs, step, "model")
                 teacher_out = None
                 if teacher is not None and objective.wants_teacher(targets is not None):
@@ -167,7 +170,7 @@ def finetune(
     finally:
         if bar is not None:
             bar.close()
-        _restore_training_flags(teacher_flags)
+        teacher_mode.close()
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
@@ -210,7 +213,7 @@ class _Objective:
         if self.custom is not None:
             value = self.custom(out, teacher_out, targets)
             if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {_describe(value)}")
+                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {describe_inputs(value)}")
             return value.reshape(())
         if not isinstance(out, Tensor):
             raise ConvsepTypeError(
@@ -229,8 +232,8 @@ class _Objective:
         if teacher_out is not None:
             if not isinstance(teacher_out, Tensor) or teacher_out.shape != out.shape:
                 raise ConvsepValueError(
-                    f"batch {step}: the teacher's output ({_describe(teacher_out)}) does not match the student's "
-                    f"({_describe(out)}): the teacher must be the model the student was converted from"
+                    f"batch {step}: the teacher's output is {describe_inputs(teacher_out)} but the student's is "
+                    f"{describe_inputs(out)}: the teacher must be the model the student was converted from"
                 )
             soft = distillation_loss(out, teacher_out.to(out.dtype), self.kind, self.temperature)
         if targets is not None and (soft is None or self.alpha < 1):
@@ -278,24 +281,7 @@ def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
     try:
         return module(*args)
     except RuntimeError as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputShapeError(f"batch {step}: the {who} cannot run on inputs {_describe(args)}: {message}") from err
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in value) + ")"
-    return type(value).__name__
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
+        raise cannot_run(f"batch {step}", who, args, err) from err
 
 
 def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple[int, Any]]:
@@ -408,47 +394,6 @@ class _BufferBackup:
         with torch.no_grad():
             for copy_, buffer in zip(self.copies, self.buffers):
                 buffer.copy_(copy_)
-
-
-def _eval_mode(teacher: Optional[nn.Module]) -> list[tuple[nn.Module, bool]]:
-    """Put the teacher in eval mode, returning every submodule's flag (they may differ) to restore after."""
-    if teacher is None:
-        return []
-    flags = [(m, m.training) for m in teacher.modules()]
-    teacher.eval()
-    return flags
-
-
-def _restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in flags:
-        module.training = training
-
-
-def _progress_bar(total: Optional[int], verbose: bool):
-    if not verbose:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        log.debug("tqdm is not installed (pip install 'convsep[progress]'): no progress bar")
-        return None
-    return tqdm(total=total, desc="finetune", unit="step", disable=None, file=sys.stderr, dynamic_ncols=True)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _on_device(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """The teacher itself if it is already on `device`, else a moved copy (the caller's teacher never moves)."""
-    tensors = list(teacher.parameters()) + list(teacher.buffers())
-    if all(t.device == device for t in tensors):
-        return teacher
-    return copy.deepcopy(teacher).to(device)
 
 
 def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:

@@ -8,7 +8,7 @@ trained convolution (see factorize.py for the maths).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -132,3 +132,15 @@ class SeparableConv3d(_SeparableConvNd):
 
 
 SEPARABLE_FOR_DIMS: dict[int, type[_SeparableConvNd]] = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}
+
+
+def conv_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every convolution and every pair in the tree, once each, not looking inside pairs."""
+    pairs: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(p + ".") for p in pairs):
+            continue
+        if isinstance(module, _SeparableConvNd):
+            pairs.append(name)
+        if isinstance(module, (_ConvNd, _SeparableConvNd)):
+            yield name, module

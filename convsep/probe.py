@@ -8,6 +8,10 @@ and a torch-function mode records the functional convolutions (`F.conv2d(x, self
 which have no module to hook. Hooks on every module also remember which one was
 running when a bad input broke the pass, so the error can name that layer.
 
+The pieces any run of a user's model needs live here too, so calibration, fine-tuning
+and timing share them: `eval_mode`, `ConvCalls` (sees every conv call, functional or
+not), `describe_inputs` and `cannot_run` (the InputShapeError for inputs a model refuses).
+
 The pass runs in eval mode under no_grad: counting must not move BatchNorm statistics
 or build autograd graphs; training flags are restored afterwards. Not inference_mode:
 tensors a model creates and keeps on its first call (lazy parameters, caches) would
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +31,9 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConvsepError, ConvsepTypeError, InputShapeError
+from .errors import ConvsepError, ConvsepTypeError, InputShapeError, error_summary
 from .layers import _SeparableConvNd
-from .trace import FUNCTIONAL_CONV_DIMS
-
-_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+from .trace import CONV_ARG_NAMES, FUNCTIONAL_CONV_DIMS
 
 
 @dataclass
@@ -64,15 +66,32 @@ def example_args(example_inputs: Any) -> tuple[Tensor, ...]:
     return args
 
 
-def describe_inputs(args: tuple[Tensor, ...]) -> str:
-    return ", ".join(f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args)
+def describe_inputs(inputs: Any) -> str:
+    """'(2, 3, 8, 8) float32' for a tensor; a tuple or list of inputs item by item (nested ones in parentheses)."""
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(_describe(x) for x in inputs)
+    return _describe(inputs)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (tuple, list)):
+        return f"({describe_inputs(value)})"
+    return f"a {type(value).__name__}"
+
+
+def cannot_run(where: str, who: str, inputs: Any, error: BaseException) -> InputShapeError:
+    """The error for a model that failed on inputs: where, which model, which inputs, and its own error's first line."""
+    return InputShapeError(f"{where}: the {who} cannot run on inputs {describe_inputs(inputs)}: {error_summary(error)}")
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(*models: nn.Module) -> Iterator[None]:
     """Eval mode for the duration, then every module's own training flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:
@@ -80,24 +99,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-class _FunctionalConvRecorder(TorchFunctionMode):
-    """Records F.conv1d/2d/3d calls whose weight is one of the watched tensors."""
+class ConvCalls(TorchFunctionMode):
+    """Calls `callback(args, output)` after every F.conv1d/2d/3d call (nn.ConvNd calls them too),
+    with the call's arguments by name (`input`, `weight`, `bias`, `stride`, ..., as far as given)."""
 
-    def __init__(self, watched: set[int], record) -> None:
+    def __init__(self, callback: Callable[[dict[str, Any], Tensor], None]) -> None:
         super().__init__()
-        self.watched = watched
-        self.record = record
+        self.callback = callback
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        output = func(*args, **kwargs)
         if func in FUNCTIONAL_CONV_DIMS:
-            named = dict(zip(_CONV_ARG_NAMES, args), **kwargs)
-            weight = named.get("weight")
-            if id(weight) in self.watched:
-                shapes = tuple(named["input"].shape), tuple(out.shape)
-                self.record(id(weight), Call(*shapes, 0, named.get("groups", 1), named.get("bias") is not None))
-        return out
+            self.callback(dict(zip(CONV_ARG_NAMES, args), **kwargs), output)
+        return output
 
 
 class _Tracker:
@@ -148,7 +163,14 @@ def probe(
     watched = {id(w) for w in weights}
     handles = [m.register_forward_hook(shape_hook) for m in {id(m): m for m in modules}.values()]
     tracker = _Tracker(model)
-    recorder = _FunctionalConvRecorder(watched, record) if watched else contextlib.nullcontext()
+
+    def record_functional(conv: dict[str, Any], output: Tensor) -> None:
+        weight = conv.get("weight")
+        if id(weight) in watched:
+            shapes = tuple(conv["input"].shape), tuple(output.shape)
+            record(id(weight), Call(*shapes, 0, conv.get("groups", 1), conv.get("bias") is not None))
+
+    recorder = ConvCalls(record_functional) if watched else contextlib.nullcontext()
     try:
         with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter, recorder:
             model(*args)
@@ -165,14 +187,13 @@ def probe(
 
 
 def _failure_message(model: nn.Module, args, stack, error: BaseException, label: str) -> str:
-    first_line = (str(error).strip().splitlines() or [""])[0]
     where = "before any submodule ran"
     if stack:
         name, module = stack[-1]
         where = f"in {name or 'its own forward'} ({type(module).__name__}{_expects(module)})"
     return (
         f"example inputs {describe_inputs(args)} do not fit {label} ({type(model).__name__})"
-        f"{_expected_input(model)}; it failed {where}: {type(error).__name__}: {first_line}"
+        f"{_expected_input(model)}; it failed {where}: {error_summary(error)}"
     )
 
 

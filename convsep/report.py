@@ -27,7 +27,7 @@ from . import latency as latency_timer
 from .count import conv_macs, conv_params, kernel_elements, positions, separable_macs, separable_params
 from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import compose, compute_dtype
-from .layers import _SeparableConvNd
+from .layers import _SeparableConvNd, conv_layers
 from .plan import ConversionPlan, plan_of
 from .probe import Call, Probe, describe_inputs, example_args, functional_weights, probe
 
@@ -122,18 +122,6 @@ def _is_layer(module: nn.Module) -> bool:
     return isinstance(module, (_ConvNd, _SeparableConvNd))
 
 
-def _conv_layers(model: nn.Module):
-    """(name, module) for every conv and every pair, not looking inside pairs."""
-    pairs: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in pairs):
-            continue
-        if isinstance(module, _SeparableConvNd):
-            pairs.append(name)
-        if _is_layer(module):
-            yield name, module
-
-
 def _find(model: nn.Module, name: str, functional: bool) -> Optional[_Site]:
     """The site called `name` in `model`: a parameter for a functional conv, else a conv or pair module."""
     try:
@@ -164,7 +152,7 @@ def _layers_from_plan(plan: ConversionPlan, before: nn.Module, after: nn.Module)
 
 def _layers_without_plan(before: nn.Module, after: nn.Module) -> list[_Layer]:
     """Every conv of either model, matched by name: a model nobody converted reports its convs as they are."""
-    names = dict.fromkeys(name for model in (after, before) for name, _ in _conv_layers(model))
+    names = dict.fromkeys(name for model in (after, before) for name, _ in conv_layers(model))
     layers = []
     for name in names:
         b, a = _find(before, name, False), _find(after, name, False)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .probe import eval_mode
+from .probe import cannot_run, eval_mode
 
 
 def paired_medians(first: Callable, second: Callable, args: tuple, runs: int, warmup: int = 2) -> tuple[float, float]:
@@ -51,6 +51,8 @@ def layer_inputs(model: nn.Module, layers: Sequence[nn.Module], args: tuple) -> 
     try:
         with eval_mode(model), torch.no_grad():
             model(*args)
+    except Exception as error:  # the user's model can fail in any way on inputs it cannot take
+        raise cannot_run("objective='latency'", "model", args, error) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -78,7 +80,7 @@ def drop_slower_pairs(candidates: list, model: nn.Module, args: tuple, build_pai
             candidate.decision.reason = "objective='latency': never ran on the example inputs, so not timed"
             continue
         pair = build_pair(candidate)
-        with eval_mode(candidate.conv), eval_mode(pair):
+        with eval_mode(candidate.conv, pair):
             conv_seconds, pair_seconds = paired_medians(candidate.conv, pair, (x,), runs)
         if pair_seconds < conv_seconds * (1 - margin):
             gains[id(candidate)] = conv_seconds - pair_seconds
@@ -89,5 +91,5 @@ def drop_slower_pairs(candidates: list, model: nn.Module, args: tuple, build_pai
 
 
 def model_seconds(original: nn.Module, converted: nn.Module, args: tuple, runs: int) -> tuple[float, float]:
-    with eval_mode(original), eval_mode(converted):
+    with eval_mode(original, converted):
         return paired_medians(original, converted, args, runs)

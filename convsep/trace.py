@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .errors import error_summary
 from .layers import _SeparableConvNd
 
 log = logging.getLogger(__name__)
 
 FUNCTIONAL_CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # F.convNd is torch.convNd
-_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _MAX_LEAF_RETRIES = 64
 
 
@@ -43,11 +44,6 @@ class _LeafTracer(fx.Tracer):
         )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def trace(module: nn.Module, leaf_types: set[type], untraceable: dict[str, str]) -> fx.Graph:
     """Trace `module`, turning submodules that break tracing into leaves; raise if its own forward breaks it."""
     for _ in range(_MAX_LEAF_RETRIES):
@@ -60,7 +56,7 @@ def trace(module: nn.Module, leaf_types: set[type], untraceable: dict[str, str])
             if not stack or not stack[-1][0] or stack[-1][1] in leaf_types:
                 raise
             culprit, culprit_type = stack[-1]
-            untraceable[culprit] = _first_line(error)
+            untraceable[culprit] = error_summary(error)
             leaf_types.add(culprit_type)
     raise RuntimeError(f"gave up tracing after {_MAX_LEAF_RETRIES} untraceable submodules")
 
@@ -90,7 +86,7 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _conv_args(node: fx.Node) -> dict:
-    args = dict(zip(_CONV_ARG_NAMES, node.args))
+    args = dict(zip(CONV_ARG_NAMES, node.args))
     args.update(node.kwargs)
     return args
 
@@ -128,8 +124,8 @@ def discover(root: nn.Module) -> Discovery:
         try:
             graph = trace(module, leaf_types, bad)
         except Exception as error:
-            found.untraceable[prefix or "<root>"] = _first_line(error)
-            log.info("fx cannot trace %s (%s); tracing its children", prefix or "the model", _first_line(error))
+            found.untraceable[prefix or "<root>"] = error_summary(error)
+            log.info("fx cannot trace %s (%s); tracing its children", prefix or "the model", error_summary(error))
             for name, child in module.named_children():
                 if not isinstance(child, (_ConvNd, _SeparableConvNd)):
                     visit(_join(prefix, name), child)

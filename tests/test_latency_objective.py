@@ -40,3 +40,9 @@ def test_latency_objective_needs_inputs_and_a_known_objective():
         convsep.convert(model, objective="latency")
     with pytest.raises(ValueError, match="'speed'"):
         convsep.convert(model, objective="speed")
+
+
+def test_latency_objective_on_inputs_the_model_cannot_take_names_them():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    with pytest.raises(convsep.InputShapeError, match=r"objective='latency'.*\(1, 5, 16, 16\) float32"):
+        convsep.convert(model, objective="latency", example_inputs=torch.randn(1, 5, 16, 16))

@@ -1,0 +1,37 @@
+"""Where a model and its inputs live: calibration and fine-tuning run on one device.
+
+The caller's reference model (the original, the teacher) is never moved: when it lives
+elsewhere, a copy is moved instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without either."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model itself if all of it is on `device`, else a moved copy (the caller's model never moves)."""
+    if all(t.device == device for t in itertools.chain(model.parameters(), model.buffers())):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """Tensors, and tuples or lists of them (nested), on `device`; anything else as it is."""
+    if isinstance(inputs, Tensor):
+        # Asynchronous only towards a GPU: a non-blocking copy to the CPU could be read before it lands.
+        return inputs.to(device, non_blocking=device.type == "cuda")
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(x, device) for x in inputs)
+    return inputs
