@@ -126,6 +126,10 @@ def convert(
     selection = LayerFilter(include, exclude)
     if example_inputs is not None:
         example_args(example_inputs)  # a bad value fails now, not after the work
+    if calibration_batches is not None and calibration_data is None:
+        raise ConvsepValueError(
+            f"calibration_batches={calibration_batches!r} needs calibration_data: pass the batches to calibrate on"
+        )
     if objective not in OBJECTIVES:
         raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
     if objective == "latency" and example_inputs is None:

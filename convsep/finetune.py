@@ -35,7 +35,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, to_device
-from .errors import ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
 from .probe import cannot_run, describe_inputs, eval_mode
 from .progress import progress_bar
@@ -280,7 +280,9 @@ def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
     args = as_args(inputs)
     try:
         return module(*args)
-    except RuntimeError as err:
+    except ConvsepError:
+        raise
+    except Exception as err:  # the user's model can reject inputs in any way (shape asserts, ValueError, ...)
         raise cannot_run(f"batch {step}", who, args, err) from err
 
 

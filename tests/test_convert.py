@@ -271,3 +271,8 @@ def test_rebuild_reproduces_the_converted_architecture():
         x = torch.randn(2, 3, 13, 13)
         with torch.no_grad():
             assert torch.equal(rebuilt(x), converted(x))
+
+
+def test_calibration_batches_without_data_is_refused():
+    with pytest.raises(ValueError, match="calibration_batches=4 needs calibration_data"):
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), calibration_batches=4)
