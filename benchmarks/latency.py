@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16", "mobilenet_v1"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-operator profile of ResNet-50")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for name in args.models:
@@ -86,6 +90,9 @@ def main() -> None:
     print(f"\nLatency at 224x224, median of {args.repeats} runs after warm-up; {machine_line()}\n")
     print(tabulate(rows, headers="keys", floatfmt=".3f"))
 
+    if args.no_profile:
+        print("\nwrote", save_json("latency", {"repeats": args.repeats, "rows": rows}))
+        return
     resnet = ZOO["resnet50"]().eval()
     x = torch.randn(1, 3, 224, 224)
     profiles = {
