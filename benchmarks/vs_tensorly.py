@@ -44,6 +44,7 @@ def relative(approx: torch.Tensor, weight: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256], help="layer widths (CP at 256 takes minutes)")
     args = parser.parse_args()
     if importlib.util.find_spec("tltorch") is None:
         print("tensorly-torch is not installed: pip install --no-deps tensorly tensorly-torch (needs numpy, scipy)")
@@ -53,7 +54,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="tensorly")
     torch.manual_seed(0)
     rows = []
-    for width in (64, 128, 256):
+    for width in args.widths:
         for spectrum in ("kaiming", "decaying"):
             conv = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
             if spectrum == "decaying":
