@@ -166,6 +166,24 @@ def test_no_weight_decay_on_depthwise_filters_biases_or_norms():
             torch.testing.assert_close(after[name], before[name] * (1 - 0.1 * 0.5))
 
 
+def test_gradients_are_clipped_to_the_given_norm():
+    """SGD's first step moves the weights by lr * gradient: with clipping, by exactly lr * clip_grad_norm."""
+    model = nn.Linear(3, 2)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    huge = lambda out, teacher_out, targets: 1e6 * out.sum()  # noqa: E731
+    convsep.finetune(model, [torch.ones(4, 3)], loss=huge, optimizer="sgd", lr=0.1, weight_decay=0.0,
+                     clip_grad_norm=2.0, verbose=False)  # fmt: skip
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float((after - before).norm()) == pytest.approx(0.1 * 2.0, rel=1e-4)
+
+
+def test_quiet_when_stderr_is_not_a_terminal(capsys):
+    pytest.importorskip("tqdm")
+    convsep.finetune(nn.Linear(3, 2), [(torch.randn(4, 3), torch.randint(0, 2, (4,)))], verbose=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
 def test_steps_cycle_over_the_data_and_the_lr_follows_a_cosine():
     calls = []
 
