@@ -14,15 +14,15 @@ import torch
 from .errors import ConvsepTypeError
 
 
-def split_batch(batch: Any) -> tuple[Any, Optional[torch.Tensor]]:
-    """(inputs, targets or None) of one batch."""
+def split_batch(batch: Any, where: str = "a batch") -> tuple[Any, Optional[torch.Tensor]]:
+    """(inputs, targets or None) of one batch; `where` names the batch in the error for one that is neither."""
     if isinstance(batch, torch.Tensor):
         return batch, None
-    if isinstance(batch, dict):
-        raise ConvsepTypeError("a batch is a tensor or a tuple (inputs, targets), got a dict; map it to a tuple first")
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise ConvsepTypeError(f"a batch is a tensor or a tuple (inputs, targets), got {type(batch).__name__}")
+    hint = "; map it to a tuple first" if isinstance(batch, dict) else ""
+    got = "an empty " + type(batch).__name__ if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise ConvsepTypeError(f"{where}: a batch is a tensor or a tuple (inputs, targets), got {got}{hint}")
 
 
 def as_args(inputs: Any) -> tuple:

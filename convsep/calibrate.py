@@ -123,13 +123,14 @@ def calibrate(
 def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate, verbose, progress) -> dict:
     """Accumulate one pair's sums over all batches, refit it, and say how its output error changed."""
     stats = _LayerStats(layer.pair, patches=alternate > 0)
-    for inputs in source:
-        targets = _original_outputs(original, layer.weight, inputs, calls)
-        sources = _pair_inputs(converted, layer.pair, inputs, calls)
+    for index, inputs in enumerate(source, 1):
+        where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
+        targets = _original_outputs(original, layer.weight, inputs, calls, where)
+        sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
         if len(targets) != len(sources):
             raise ConvsepValueError(
-                f"layer {layer.decision.name!r} ran {len(sources)} times in the converted model and "
-                f"{len(targets)} times in the original on the same batch: is `original` the model convert was given?"
+                f"{where}: the layer ran {len(sources)} times in the converted model and "
+                f"{len(targets)} times in the original: is `original` the model convert was given?"
             )
         for x, y in zip(sources, targets):
             stats.add(x, y, layer.decision.name)
@@ -186,8 +187,8 @@ class _Batches:
             raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
 
     def _inputs(self):
-        for batch in itertools.islice(self.data, self.limit):
-            inputs, _ = split_batch(batch)
+        for index, batch in enumerate(itertools.islice(self.data, self.limit), 1):
+            inputs, _ = split_batch(batch, f"calibration batch {index}")
             yield to_device(inputs, self.device)
 
     def first(self):
@@ -262,14 +263,14 @@ def _run_order(converted: nn.Module, pairs: list[_SeparableConvNd], inputs: Any)
 
     handles = [pair.register_forward_pre_hook(record) for pair in {id(p): p for p in pairs}.values()]
     try:
-        _forward(converted, inputs, "the first calibration batch", "converted model")
+        _forward(converted, inputs, "calibration batch 1", "converted model")
     finally:
         for handle in handles:
             handle.remove()
     return list(calls), calls
 
 
-def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected: int) -> list[Tensor]:
+def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected: int, where: str) -> list[Tensor]:
     """The outputs of the conv calls that use `weight`, stopping the forward once all have been seen."""
     outputs: list[Tensor] = []
 
@@ -281,13 +282,13 @@ def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected
 
     try:
         with ConvCalls(keep):
-            _forward(original, inputs, "a calibration batch", "original model")
+            _forward(original, inputs, where, "original model")
     except _StopForward:
         pass
     return outputs
 
 
-def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: int) -> list[Tensor]:
+def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: int, where: str) -> list[Tensor]:
     """The inputs of `pair` in the converted model, stopping before the pair runs for the last time."""
     seen: list[Tensor] = []
 
@@ -298,7 +299,7 @@ def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: i
 
     handle = pair.register_forward_pre_hook(keep)
     try:
-        _forward(converted, inputs, "a calibration batch", "converted model")
+        _forward(converted, inputs, where, "converted model")
     except _StopForward:
         pass
     finally:

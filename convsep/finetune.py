@@ -138,7 +138,7 @@ def finetune(
             buffers.save()
             opt.zero_grad(set_to_none=True)
             try:
-                inputs, targets = (to_device(part, device) for part in split_batch(batch))
+                inputs, targets = (to_device(part, device) for part in split_batch(batch, f"batch {step}"))
                 student_out = _run(model, inputs, step, "model")
                 teacher_out = None
                 if teacher is not None and objective.wants_teacher(targets is not None):

@@ -217,7 +217,7 @@ def report(
 
     weights = (functional_weights(before), functional_weights(after))
     probes: list[Probe] = []
-    for side, model, label in ((0, before, "`before`"), (1, after, "`after`")):
+    for side, model, label in ((0, before, "the original model"), (1, after, "the converted model")):
         sites = [getattr(layer, ("before", "after")[side]) for layer in layers]
         modules = [s.module for s in sites if s is not None and s.module is not None]
         probes.append(probe(model, args, modules, list(weights[side].values()), label=label))

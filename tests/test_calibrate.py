@@ -125,7 +125,7 @@ def test_depthwise_refit_is_the_least_squares_solution_given_the_pointwise_weigh
 
     stats = _LayerStats(pair, patches=True)
     with eval_mode(converted), torch.no_grad():
-        stats.add(_pair_inputs(converted, pair, x, 1)[0], target, "0")
+        stats.add(_pair_inputs(converted, pair, x, 1, "test batch")[0], target, "0")
     _refit_depthwise(pair, stats, ridge=0.0)
     torch.testing.assert_close(pair.depthwise.weight.reshape(-1).double(), expected.reshape(-1), rtol=1e-4, atol=1e-4)
 
@@ -224,11 +224,15 @@ def test_verbose_prints_each_layer(capsys):
     [
         ([], {}, ValueError, "yielded no batches"),
         (iter([]), {}, ValueError, "yielded no batches"),
-        ([torch.randn(2, 5, 9, 9)], {}, convsep.InputShapeError, r"\(2, 5, 9, 9\)"),
-        ([torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9)], {}, convsep.InputShapeError, r"\(2, 3, 9\)"),
+        ([torch.randn(2, 5, 9, 9)], {}, convsep.InputShapeError, r"calibration batch 1.*\(2, 5, 9, 9\)"),
+        (
+            [torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9)], {}, convsep.InputShapeError,
+            r"calibration batch 2 \(calibrating '0'\).*\(2, 3, 9\)",
+        ),  # fmt: skip
         (torch.randn(2, 3, 9, 9), {}, TypeError, "single tensor"),
         (5, {}, TypeError, "int"),
-        ([{"x": 1}], {}, TypeError, "dict"),
+        ([{"x": 1}], {}, TypeError, "calibration batch 1: .*got dict"),
+        ([torch.randn(2, 3, 9, 9), ()], {}, TypeError, "calibration batch 2: .*got an empty tuple"),
         ([torch.randn(2, 3, 9, 9)], {"ridge": -1.0}, ValueError, "ridge=-1.0"),
         ([torch.randn(2, 3, 9, 9)], {"alternate": -1}, ValueError, "alternate=-1"),
         ([torch.randn(2, 3, 9, 9)], {"batches": 0}, ValueError, "batches=0"),

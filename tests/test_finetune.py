@@ -228,6 +228,12 @@ def test_inputs_of_the_wrong_shape_name_the_shape():
         convsep.finetune(small_net(), [torch.randn(4, 5, 12, 12)], teacher=small_net(), verbose=False)
 
 
+def test_a_batch_that_is_neither_a_tensor_nor_a_tuple_is_named():
+    batches = [torch.randn(4, 3, 12, 12), {"image": torch.randn(4, 3, 12, 12)}]
+    with pytest.raises(convsep.ConvsepTypeError, match="batch 2: a batch is a tensor or a tuple .*got dict"):
+        convsep.finetune(small_net(), batches, teacher=small_net(), verbose=False)
+
+
 def test_targets_of_the_wrong_shape_or_range_are_errors():
     x = torch.randn(4, 3, 12, 12)
     with pytest.raises(convsep.InputShapeError, match=r"\(3,\).*\(4, 4\)"):
