@@ -6,8 +6,8 @@
     python benchmarks/finetune_fashion_mnist.py --quick          # a smoke run on a few hundred images
 
 For convsep.models.small_cnn trained on the 60,000 training images, it measures on the 10,000 test
-images: the original; each conversion (fixed ranks, and MAC budgets when convert has `budget=`);
-calibration when convsep has `calibrate`; one epoch of fine-tuning from there, by distillation alone
+images: the original; each conversion (fixed ranks, and MAC budgets);
+calibration on 32 batches of training images; one epoch of fine-tuning from there, by distillation alone
 (alpha=1, the labels unused) and with the labels (alpha * T^2 * KL + (1 - alpha) * CE); with the MACs,
 parameters and wall time of every step. Prints a table and writes JSON to benchmarks/results/.
 The issue's goal: within 0.5 points of the original at <= 30% of the conv MACs after one epoch.
@@ -46,7 +46,7 @@ def parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN} training / {QUICK_TEST} test images")
     parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs to train the original")
+    parser.add_argument("--epochs", type=int, help="epochs to train the original (default 2; quick 4)")
     parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="fixed ranks, every conv converted")
     parser.add_argument("--stem-kept-ranks", type=int, nargs="*", default=[2],
@@ -57,7 +57,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="teacher weight when labels are used")
     parser.add_argument("--calibration-batches", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, help="default 128; quick 32 (enough steps for BatchNorm statistics)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--original", help="state_dict of the trained original: loaded if it exists, else trained and "
                         "saved there (default: a cache in benchmarks/results/ named after width, epochs and seed)")
@@ -82,6 +82,8 @@ def save_atomic(obj, path: str, write) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    args.epochs = args.epochs or (4 if args.quick else 2)
+    args.batch_size = args.batch_size or (32 if args.quick else 128)
     if args.original is None and not args.quick:
         args.original = os.path.join(HERE, "results", f"small_cnn_w{args.width}_e{args.epochs}_s{args.seed}.pt")
     if not fashion_mnist.available():
@@ -125,12 +127,11 @@ def main(argv=None) -> int:
     variants = convert_variants(original, example, args.ranks, args.budgets, args.stem_kept_ranks)
     for variant, (converted, seconds) in variants.items():
         measure(variant, "converted", converted, seconds)
-        start = converted
-        calibrated = calibrate(converted, original, train.inputs_only(), args.calibration_batches)
-        if calibrated is not None:
-            start, seconds = calibrated
-            measure(variant, "calibrated", start, seconds)
-        for step, data, alpha in (("+1 epoch, distillation", train.inputs_only(), 1.0), ("+1 epoch, with labels", train, args.alpha)):
+        start, seconds = calibrate(converted, original, train.inputs_only(), args.calibration_batches)
+        measure(variant, "calibrated", start, seconds)
+        for step, labels, alpha in (("+1 epoch, distillation", False, 1.0), ("+1 epoch, with labels", True, args.alpha)):
+            # the same shuffled order for every fine-tuning run, whatever ran before
+            data = fashion_mnist.Batches(train.images, train.labels, args.batch_size, True, args.seed, labels)
             student = copy.deepcopy(start)
             torch.manual_seed(args.seed)
             _, seconds = timed(
@@ -148,9 +149,10 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     table = tabulate(
         [[r["variant"], r["step"], f"{r['accuracy']:.2f}", f"{r['delta_points']:+.2f}", f"{r['conv_macs']:,}",
-          f"{100 * r['conv_mac_fraction']:.1f}%", f"{r['macs']:,}", f"{r['params']:,}", f"{r['seconds']:.1f}"] for r in rows],
+          f"{100 * r['conv_mac_fraction']:.1f}%", f"{r['macs']:,}", f"{r['params']:,}", f"{r['seconds']:.2f}"] for r in rows],
         headers=["variant", "step", "test acc (%)", "vs original", "conv MACs", "of original", "MACs", "params", "seconds"],
         colalign=("left", "left") + ("right",) * 7,
+        disable_numparse=True,
     )  # fmt: skip
     goal = (
         f"goal (within {GOAL_POINTS} points at <= {GOAL_MAC_FRACTION:.0%} of the conv MACs): "
@@ -165,8 +167,6 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_average_1_5_15": list(os.getloadavg())},  # fmt: skip
         "settings": vars(args),
-        "convsep_features": {"budget": "budget" in convsep.convert.__code__.co_varnames,
-                             "calibrate": hasattr(convsep, "calibrate"), "report": hasattr(convsep, "report")},  # fmt: skip
         "train_images": len(train.images), "test_images": len(test.images), "data_loading_seconds": load_seconds,
         "rows": rows,
         "goal": {"points": GOAL_POINTS, "conv_mac_fraction": GOAL_MAC_FRACTION, "met_by": [f"{r['variant']} {r['step']}" for r in met]},

@@ -3,20 +3,18 @@
     python examples/fashion_mnist_end_to_end.py           # 60,000 training images: a few minutes on 2 cores
     python examples/fashion_mnist_end_to_end.py --quick   # a few hundred images, seconds (what the tests run)
 
-Needs the Debian package dataset-fashion-mnist (see fashion_mnist.py). Steps that use parts of convsep
-this version may lack (`convert(..., budget=)`, `convsep.report`, `convsep.calibrate`) are skipped
-with a message saying so. The benchmark (benchmarks/finetune_fashion_mnist.py) reuses these steps.
+Needs the Debian package dataset-fashion-mnist (see fashion_mnist.py). The benchmark
+(benchmarks/finetune_fashion_mnist.py) reuses these steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from tabulate import tabulate
@@ -36,14 +34,6 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
-
-
-def has_budget() -> bool:
-    return "budget" in inspect.signature(convsep.convert).parameters
-
-
-def missing(feature: str) -> str:
-    return f"skipped: this convsep has no {feature} (it lands with another issue; rerun after updating)"
 
 
 def nhwc(model: nn.Module) -> nn.Module:
@@ -74,9 +64,6 @@ def convert_variants(
     stem = first_conv(model)
     for r in stem_kept_ranks:
         variants[f"rank {r}, stem kept"] = timed(lambda r=r: nhwc(convsep.convert(model, rank=r, exclude=stem)))
-    if budgets and not has_budget():
-        print(f"MAC budgets {', '.join(map(str, budgets))}: {missing('convert(..., budget=)')}")
-        return variants
     for budget in budgets:
         variants[f"budget {budget:g}"] = timed(
             lambda b=budget: nhwc(convsep.convert(model, budget=b, example_inputs=example))
@@ -84,21 +71,10 @@ def convert_variants(
     return variants
 
 
-def calibrate(converted: nn.Module, original: nn.Module, inputs, batches: int) -> Optional[tuple[nn.Module, float]]:
-    """(calibrated copy, seconds), or None when this convsep has no calibrate. The converted model is untouched."""
-    if not hasattr(convsep, "calibrate"):
-        return None
+def calibrate(converted: nn.Module, original: nn.Module, inputs, batches: int) -> tuple[nn.Module, float]:
+    """(calibrated copy, seconds): the converted model is left as it is, so each step can be measured."""
     work = copy.deepcopy(converted)
-    keywords = {"batches": batches} if "batches" in inspect.signature(convsep.calibrate).parameters else {}
-    result, seconds = timed(lambda: convsep.calibrate(work, original, inputs, **keywords))
-    return nhwc(result if isinstance(result, nn.Module) else work), seconds
-
-
-def show_report(original: nn.Module, converted: nn.Module, example: torch.Tensor) -> None:
-    if not hasattr(convsep, "report"):
-        print(f"report: {missing('convsep.report')}")
-        return
-    print(convsep.report(original, converted, example[:1]))
+    return timed(lambda: nhwc(convsep.calibrate(work, original, inputs, batches=batches)))
 
 
 def parse(argv) -> argparse.Namespace:
@@ -134,7 +110,7 @@ def main(argv=None) -> int:
 
     def record(step: str, model: nn.Module, seconds: float) -> float:
         accuracy, cost = fashion_mnist.accuracy(model, test), costs(model, example)
-        rows.append([step, f"{accuracy:.2f}", f"{cost.conv_macs:,}", f"{cost.params:,}", f"{seconds:.1f}"])
+        rows.append([step, f"{accuracy:.2f}", f"{cost.conv_macs:,}", f"{cost.params:,}", f"{seconds:.2f}"])
         print(f"{step}: test accuracy {accuracy:.2f}% ({seconds:.1f} s)", flush=True)
         return accuracy
 
@@ -147,16 +123,12 @@ def main(argv=None) -> int:
     variants = convert_variants(original, example, ranks=(), stem_kept_ranks=(args.rank,), budgets=(args.budget,))
     for name, (converted, seconds) in variants.items():
         record(f"converted, {name}", converted, seconds)
-    name, (chosen, _) = list(variants.items())[-1]  # the budget when there is one, else the rank
-    show_report(original, chosen, example)
+    name, (chosen, _) = list(variants.items())[-1]  # the budget
+    print(convsep.report(original, chosen, example))
 
-    calibrated = calibrate(chosen, original, train.inputs_only(), batches=8 if args.quick else 32)
-    if calibrated is None:
-        print(f"calibration: {missing('convsep.calibrate')}")
-    else:
-        chosen, seconds = calibrated
-        name = f"{name} + calibration"
-        record(f"converted, {name}", chosen, seconds)
+    chosen, seconds = calibrate(chosen, original, train.inputs_only(), batches=8 if args.quick else 32)
+    name = f"{name} + calibration"
+    record(f"converted, {name}", chosen, seconds)
 
     # Distillation from the original plus the labels the batches carry: alpha * T^2 * KL + (1 - alpha) * CE.
     _, seconds = timed(
@@ -168,7 +140,7 @@ def main(argv=None) -> int:
     record(f"fine-tuned ({args.finetune_epochs} epoch{plural}), {name}", chosen, seconds)
 
     headers = ["step", "test accuracy (%)", "conv MACs / sample", "params", "seconds"]
-    print(tabulate(rows, headers=headers, colalign=("left", "right", "right", "right", "right")))
+    print(tabulate(rows, headers=headers, colalign=("left",) + ("right",) * 4, disable_numparse=True))
     return 0
 
 
