@@ -1,4 +1,4 @@
-"""The convsep command line: `convsep convert | report | demo`, and `python -m convsep` the same.
+"""The convsep command line: `convsep convert | report | finetune | demo`, and `python -m convsep` the same.
 
 main(argv) returns the exit code: 0 ok, 1 failure, 2 usage (what argparse rejects). Errors of
 ours become one line on stderr, never a traceback; warnings become `convsep: warning:` lines.
@@ -10,8 +10,6 @@ flags reuse them.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import sys
@@ -32,6 +30,7 @@ from .imports import resolve_callable
 from .ranks import parse_rank_override
 from .models import ZOO
 from .plan import plan_of
+from .report import report
 from .version import __version__
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -404,22 +403,12 @@ def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
 def _print_report(
     before: nn.Module, after: nn.Module, x: torch.Tensor, fmt: str, latency: bool, *, original_weights: bool = True
 ) -> None:
-    """convsep.report(...).render(fmt) on stdout; the plan summary while the report is not part of this build.
+    """convsep.report(...).render(fmt) on stdout.
 
     original_weights=False: `before` has the original architecture but not its trained weights, so
     weight errors must come from the conversion plan, not from comparing kernels.
     """
-    report = getattr(importlib.import_module(__package__), "report", None)
-    if not callable(report):
-        _print_summary(before, after, fmt)
-        return
-    options = {"latency": latency}
-    if not original_weights:
-        if "original_weights" in inspect.signature(report).parameters:
-            options["original_weights"] = False
-        else:
-            _note("the original weights are not in the checkpoint: weight errors compare with --model's initial weights")
-    print(report(before, after, x, **options).render(fmt))
+    print(report(before, after, x, latency=latency, original_weights=original_weights).render(fmt))
 
 
 def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:

@@ -84,7 +84,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--finetune-epochs", type=int, help="default 1; quick 3 (a few hundred images are few steps)")
     parser.add_argument("--rank", type=int, default=2, help="depth multiplier of the pairs (the first conv is kept)")
     parser.add_argument("--lr", type=float, default=1e-2, help="fine-tuning peak lr (AdamW, cosine)")
-    parser.add_argument("--budget", type=float, default=0.3, help="fraction of MACs, if convert supports budget=")
+    parser.add_argument("--budget", type=float, default=0.3, help="the share of the model's MACs to keep")
     parser.add_argument("--width", type=int, help="channels of the first conv of small_cnn (default 16; the benchmark's 32)")
     parser.add_argument("--batch-size", type=int, help="default 128; quick 32")
     parser.add_argument("--seed", type=int, default=0)

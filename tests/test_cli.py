@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import convsep
+import convsep.cli
 from convsep.cli import main
 from convsep.imports import resolve_callable
 from convsep.models import small_cnn
@@ -202,7 +203,7 @@ def test_report_calls_the_report_api(work, capsys, monkeypatch):
         calls.append((before, after, example_inputs, latency, original_weights))
         return FakeReport()
 
-    monkeypatch.setattr(convsep, "report", fake_report, raising=False)
+    monkeypatch.setattr(convsep.cli, "report", fake_report)
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "3,1,28,28"]
     code, stdout, err = run(argv + ["--format", "markdown", "--latency"], capsys)
     assert code == 0, err
