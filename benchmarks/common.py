@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import torch
 
@@ -29,9 +29,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is often just the architecture on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -41,14 +50,28 @@ def machine() -> dict:
 
 def machine_line() -> str:
     m = machine()
-    return f"{m['cores']} CPU cores ({m['torch_threads']} torch threads), torch {m['torch']}, Python {m['python']}"
+    return f"{m['cpu']}, {m['cores']} CPU cores ({m['torch_threads']} torch threads), torch {m['torch']}, Python {m['python']}"
 
 
-def save_json(name: str, payload: dict) -> Path:
-    """Write results atomically to benchmarks/results/NAME.json."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, suffix=".tmp", delete=False) as tmp:
-        json.dump({"machine": machine(), **payload}, tmp, indent=2)
+def write_atomically(path: Path | str, write: Callable[[IO[bytes]], object]) -> Path:
+    """write(file) into a temporary file beside `path`, then move it into place: never a half-written result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        try:
+            write(tmp)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # temporary files are private; results are not
     os.replace(tmp.name, path)
     return path
+
+
+def save_json(name: str, payload: dict, path: Path | str | None = None) -> Path:
+    """Write results, with the machine they were measured on, to `path` (default benchmarks/results/NAME.json)."""
+    text = json.dumps({"machine": machine(), **payload}, indent=2) + "\n"
+    return write_atomically(path or RESULTS / f"{name}.json", lambda f: f.write(text.encode()))

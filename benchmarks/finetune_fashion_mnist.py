@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -34,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 import convsep  # noqa: E402
 from convsep.models import small_cnn  # noqa: E402
 import fashion_mnist  # noqa: E402
+from common import machine_line, save_json, write_atomically  # noqa: E402
 from costs import costs  # noqa: E402
 from fashion_mnist_end_to_end import (  # noqa: E402
     QUICK_TEST, QUICK_TRAIN, calibrate, convert_variants, nhwc, timed, train_original,
@@ -62,22 +60,9 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--original", help="state_dict of the trained original: loaded if it exists, else trained and "
                         "saved there (default: a cache in benchmarks/results/ named after width, epochs and seed)")
     parser.add_argument("--retrain", action="store_true", help="train the original even if the cache exists")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "finetune_fashion_mnist.json"))
+    parser.add_argument("--out", help="where the JSON goes (default benchmarks/results/finetune_fashion_mnist.json)")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while training")
     return parser.parse_args(argv)
-
-
-def save_atomic(obj, path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -121,7 +106,7 @@ def main(argv=None) -> int:
         step = f"trained, {args.epochs} epochs"
         if args.original:
             cache = {"state_dict": original.state_dict(), "train_seconds": train_seconds}
-            save_atomic(cache, args.original, torch.save)
+            write_atomically(args.original, lambda f: torch.save(cache, f))
     base = measure("original", step, original, train_seconds)
 
     variants = convert_variants(original, example, args.ranks, args.budgets, args.stem_kept_ranks)
@@ -159,20 +144,18 @@ def main(argv=None) -> int:
         + (f"met by {', '.join(r['variant'] + ' ' + r['step'] for r in met)}" if met else "not met")
     )
     print(f"\n{table}\n\nMACs are multiply-accumulates per sample (FLOPs = 2 x MACs, bias adds not counted). {goal}")
-    print(f"data loading: {load_seconds:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"data loading: {load_seconds:.1f} s; {machine_line()}")
 
     result = {
         "command": " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "load_average_1_5_15": list(os.getloadavg())},  # fmt: skip
+        "load_average_1_5_15": list(os.getloadavg()),
         "settings": vars(args),
         "train_images": len(train.images), "test_images": len(test.images), "data_loading_seconds": load_seconds,
         "rows": rows,
         "goal": {"points": GOAL_POINTS, "conv_mac_fraction": GOAL_MAC_FRACTION, "met_by": [f"{r['variant']} {r['step']}" for r in met]},
     }  # fmt: skip
-    save_atomic(result, args.out, lambda obj, f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-    print(f"wrote {os.path.relpath(args.out)}")
+    print(f"wrote {os.path.relpath(save_json('finetune_fashion_mnist', result, args.out))}")
     return 0
 
 
