@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
-from .devices import device_of, on_device, to_device
+from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
@@ -84,7 +84,7 @@ def calibrate(
     """
     plan = _check_arguments(converted, original, batches, ridge, alternate)
     if device is not None:
-        device = torch.device(device)
+        device = parse_device(device)
         converted.to(device)
         original = on_device(original, device)
     else:

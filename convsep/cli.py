@@ -109,6 +109,7 @@ def _finetune(args: argparse.Namespace) -> int:
     data = load_batches(args.data)
     tuned = finetune(
         student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer, device=args.device,
         trainable=args.trainable, verbose=sys.stderr.isatty(),
     )  # fmt: skip
     # Written only after training finished with finite losses: a failed run leaves no checkpoint.
@@ -249,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_parser.add_argument("--epochs", type=int, default=1, help="passes over DATA (default: 1)")
     finetune_parser.add_argument("--steps", type=int, help="train exactly this many steps instead of --epochs")
     finetune_parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    finetune_parser.add_argument(
+        "--alpha", type=float, default=0.5,
+        help="weight of the teacher when batches carry labels: alpha * T^2 * KL + (1 - alpha) * CE (default: 0.5)",
+    )  # fmt: skip
+    finetune_parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default: 2)")
+    finetune_parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: adamw)")
+    finetune_parser.add_argument("--device", help="where to train, like cpu or cuda:0 (default: where the model is)")
     finetune_parser.add_argument(
         "--trainable", choices=("all", "separable"), default="all", help="train every parameter or only the pairs"
     )

@@ -13,6 +13,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import ConvsepValueError, error_summary
+
+
+def parse_device(device: Any) -> torch.device:
+    """torch.device(device), checked to exist on this machine (a clear error instead of a failure mid-run)."""
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)  # raises for a device type or index this build or machine lacks
+        if parsed.type == "meta":
+            raise RuntimeError("meta tensors hold no data to train or calibrate on")
+    except (RuntimeError, TypeError, AssertionError) as error:  # torch's errors for unknown/unavailable devices
+        reason = error_summary(error).split(". ")[0]  # some (a missing backend) run to a page
+        raise ConvsepValueError(
+            f"device={device!r} is not a device this machine has ({reason}); pass e.g. 'cpu' or 'cuda:0'"
+        ) from None
+    return parsed
+
 
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model without either."""

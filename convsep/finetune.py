@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import as_args, split_batch
-from .devices import device_of, on_device, to_device
+from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
 from .layers import _SeparableConvNd
 from .probe import cannot_run, describe_inputs, eval_mode
@@ -107,7 +107,7 @@ def finetune(
     _check_arguments(
         model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
     )
-    device = torch.device(device) if device is not None else device_of(model)
+    device = parse_device(device) if device is not None else device_of(model)
     model.to(device)
     named = _trainable_parameters(model, trainable)
     if teacher is not None:

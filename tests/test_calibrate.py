@@ -236,6 +236,7 @@ def test_verbose_prints_each_layer(capsys):
         ([torch.randn(2, 3, 9, 9)], {"ridge": -1.0}, ValueError, "ridge=-1.0"),
         ([torch.randn(2, 3, 9, 9)], {"alternate": -1}, ValueError, "alternate=-1"),
         ([torch.randn(2, 3, 9, 9)], {"batches": 0}, ValueError, "batches=0"),
+        ([torch.randn(2, 3, 9, 9)], {"device": "tpu9"}, ValueError, "device='tpu9' is not a device"),
     ],
 )
 def test_bad_calibration_input_is_refused_clearly(data, kwargs, error, match):

@@ -558,6 +558,37 @@ def test_finetune_with_nan_loss_fails_and_writes_nothing(work, capsys):
     assert not (work / "ft.pt").exists()
 
 
+def test_finetune_passes_its_options_on(work, capsys, monkeypatch):
+    sep = _converted_checkpoint(work, capsys)
+    seen = {}
+
+    def fake_finetune(model, data, **options):
+        seen.update(options, data=data)
+        return model
+
+    monkeypatch.setattr(convsep.cli, "finetune", fake_finetune)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    argv += ["--data", f"{work / 'train.py'}:batches", "--steps", "7", "--lr", "0.02", "--alpha", "0.25"]
+    argv += ["--temperature", "4", "--optimizer", "sgd", "--device", "cpu", "--trainable", "separable"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert len(seen.pop("data")) == 4 and isinstance(seen.pop("teacher"), nn.Module)
+    assert seen == {
+        "epochs": 1, "steps": 7, "lr": 0.02, "alpha": 0.25, "temperature": 4.0, "optimizer": "sgd",
+        "device": "cpu", "trainable": "separable", "verbose": False,
+    }  # fmt: skip
+
+
+def test_finetune_rejects_bad_options_in_one_line(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    argv += ["--data", f"{work / 'train.py'}:batches"]
+    for bad, says in ((["--alpha", "1.5"], "alpha"), (["--temperature", "0"], "temperature"), (["--device", "tpu9"], "tpu9")):
+        code, _, err = run(argv + bad, capsys)
+        assert code == 1 and err.startswith("convsep: error:") and says in err and len(err.strip().splitlines()) == 1, err
+        assert not (work / "ft.pt").exists()
+
+
 def test_finetune_needs_a_teacher(work, capsys):
     sep = _converted_checkpoint(work, capsys)
     code, _, err = run(["finetune", sep, "-o", work / "ft.pt", "--data", "x:y"], capsys)

@@ -268,6 +268,7 @@ def test_bad_arguments_are_named():
         ({"epochs": 0}, "epochs"), ({"steps": -1}, "steps"), ({"lr": math.nan}, "lr"), ({"alpha": 1.5}, "alpha"),
         ({"loss": "hinge"}, "hinge"), ({"optimizer": "lbfgs"}, "lbfgs"), ({"trainable": "some"}, "some"),
         ({"temperature": 0}, "temperature"), ({"weight_decay": -1.0}, "weight_decay"),
+        ({"device": "tpu9"}, "device='tpu9'"), ({"device": "meta"}, "device='meta'"),
     ]:  # fmt: skip
         with pytest.raises(convsep.ConvsepValueError, match=pattern):
             convsep.finetune(model, data, teacher=small_net(), verbose=False, **kwargs)
