@@ -7,7 +7,7 @@ architecture from the original one and load the weights without unpickling any c
   `safetensors` extra);
 - anything else (`.pt`, `.pth`, ...): a plain dict saved with `torch.save` that loads with
   `weights_only=True`: {"convsep_format": 1, "convsep_version": ..., "plan": JSON or None,
-  "input_shape": [...] or None, "state_dict": {...}}.
+  "input_shape": [...] (one per input for several) or None, "state_dict": {...}}.
 
 Users' checkpoints come as a state_dict (`.pt`/`.pth`/`.bin`/`.safetensors`), a dict that
 wraps one ({"state_dict": ...}, {"model": ...}, {"model_state_dict": ...}), or a whole
@@ -39,11 +39,14 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConvsepTypeError,
+    ConvsepValueError,
     OptionalDependencyError,
     error_summary,
     first_line,
 )
+from . import shapes
 from .plan import ConversionPlan, plan_of
+from .shapes import InputShape
 from .version import __version__
 
 PathLike = Union[str, os.PathLike]
@@ -67,7 +70,8 @@ class Checkpoint:
         pickled converted module); None for a plain state_dict.
     module: the whole model when the file is a pickled nn.Module (read with trust_pickle=True);
         None otherwise.
-    input_shape: the example input shape recorded at conversion time, if any.
+    input_shape: the example input shape recorded at conversion time, if any: a tuple of ints, or
+        one such tuple per input for a model with several inputs.
     kind: "convsep", "state_dict" or "module": what the file turned out to hold.
     version: the convsep version that wrote it ("" when convsep did not).
     """
@@ -76,7 +80,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     plan: Optional[ConversionPlan] = None
     module: Optional[nn.Module] = None
-    input_shape: Optional[tuple[int, ...]] = None
+    input_shape: Optional[InputShape] = None
     kind: str = "state_dict"
     version: str = ""
 
@@ -97,12 +101,13 @@ class Checkpoint:
         return target
 
 
-def save(model: nn.Module, path: PathLike, *, input_shape: Optional[tuple[int, ...]] = None) -> None:
+def save(model: nn.Module, path: PathLike, *, input_shape: Optional[InputShape] = None) -> None:
     """Write `model`'s state_dict and its conversion plan (if any) to `path`, atomically.
 
     `.safetensors` puts the plan in the header's metadata (needs `pip install convsep[safetensors]`);
     any other name is a dict saved with torch.save that loads with weights_only=True.
-    input_shape: an example input shape to record, so `convsep report` can use it later.
+    input_shape: an example input shape to record, so `convsep report` can use it later: a tuple
+        of ints, or one per input for a model with several inputs.
     An existing file at `path` is replaced, as with torch.save.
     """
     if not isinstance(model, nn.Module):
@@ -111,7 +116,7 @@ def save(model: nn.Module, path: PathLike, *, input_shape: Optional[tuple[int, .
     check_destination(path, overwrite=True)
     plan = plan_of(model)
     plan_json = plan.to_json() if plan is not None else None
-    shape = [int(n) for n in input_shape] if input_shape is not None else None
+    shape = shapes.normalise(input_shape)
     state_dict = model.state_dict()
     if is_safetensors_name(path):
         safetensors_torch = _safetensors()
@@ -119,7 +124,7 @@ def save(model: nn.Module, path: PathLike, *, input_shape: Optional[tuple[int, .
         if plan_json is not None:
             metadata[_META_PLAN] = plan_json
         if shape is not None:
-            metadata[_META_SHAPE] = ",".join(map(str, shape))
+            metadata[_META_SHAPE] = shapes.to_text(shape)
         tensors = _safetensors_ready(state_dict)
         _write_atomically(path, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=metadata))
     else:
@@ -127,7 +132,7 @@ def save(model: nn.Module, path: PathLike, *, input_shape: Optional[tuple[int, .
             _META_FORMAT: FORMAT_VERSION,
             _META_VERSION: __version__,
             "plan": plan_json,
-            "input_shape": shape,
+            "input_shape": shapes.to_record(shape),
             "state_dict": dict(state_dict),
         }
         _write_atomically(path, lambda tmp: torch.save(payload, tmp))
@@ -317,12 +322,11 @@ def _convsep_checkpoint(content: dict, shown: str) -> Checkpoint:
     state_dict = content.get("state_dict")
     if not isinstance(state_dict, dict) or not _is_state_dict(state_dict):
         raise CheckpointError(f"{shown} is a damaged convsep checkpoint: its 'state_dict' entry is not a state_dict")
-    shape = content.get("input_shape")
     return Checkpoint(
         shown,
         dict(state_dict),
         plan=_parse_plan(content.get("plan"), shown),
-        input_shape=tuple(shape) if shape else None,
+        input_shape=_parse_shape(content.get("input_shape") or None, shapes.normalise, shown),
         kind="convsep",
         version=str(content.get(_META_VERSION, "")),
     )
@@ -342,11 +346,7 @@ def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
         raise CheckpointError(f"{shown} is a truncated or corrupt safetensors file ({first_line(error)})") from None
     if _META_FORMAT not in metadata:
         return Checkpoint(shown, tensors)
-    shape = metadata.get(_META_SHAPE)
-    try:
-        input_shape = tuple(int(n) for n in shape.split(",")) if shape else None
-    except ValueError:
-        raise CheckpointError(f"{shown} is a damaged convsep checkpoint: input shape {shape!r} in its metadata") from None
+    input_shape = _parse_shape(metadata.get(_META_SHAPE) or None, shapes.from_text, shown)
     return Checkpoint(
         shown,
         tensors,
@@ -355,6 +355,15 @@ def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
         kind="convsep",
         version=metadata.get(_META_VERSION, ""),
     )
+
+
+def _parse_shape(recorded: Any, parse, shown: str) -> Optional[InputShape]:
+    if recorded is None:
+        return None
+    try:
+        return parse(recorded)
+    except ConvsepValueError:
+        raise CheckpointError(f"{shown} is a damaged convsep checkpoint: its input shape is {recorded!r}") from None
 
 
 def _parse_plan(text: Optional[str], shown: str) -> Optional[ConversionPlan]:

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .ranks import parse_rank_override
 from .models import ZOO
 from .plan import plan_of
 from .report import report
+from .shapes import InputShape, Shape, from_text, several, shapes_of, to_text
 from .version import __version__
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -42,7 +43,7 @@ FORMATS = ("table", "markdown", "json", "csv")
 def _convert(args: argparse.Namespace) -> int:
     check_destination(args.output, overwrite=args.force, sources=(args.input,))
     loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
-    shape = args.input_shape or loaded.checkpoint.input_shape
+    shape = _input_shape(args, loaded.checkpoint)
     x = _example_input(loaded.model, shape) if shape else None
     previous = plan_of(loaded.model)
     if x is None and (args.objective == "latency" or (args.budget is not None and args.budget_on == "macs")):
@@ -50,7 +51,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
     calibration = None
     if args.calibrate_with:
-        image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and len(shape) == 4 else {}
+        image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
         calibration = load_batches(args.calibrate_with, **image_shape)
     converted = convert(
         loaded.model,
@@ -92,7 +93,7 @@ def _report(args: argparse.Namespace) -> int:
         before = after
         if loaded.checkpoint.converted:
             _note(f"{args.input} is converted and no --model names its original architecture: 'before' is the model as loaded")
-    shape = args.input_shape or loaded.checkpoint.input_shape
+    shape = _input_shape(args, loaded.checkpoint)
     if shape is None:
         _print_summary(before, after, args.format)
         _note("pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report")
@@ -304,8 +305,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input-shape", type=_input_shape_arg, metavar="N,C,H,W", help="example input shape, like 1,3,224,224"
-    )
+        "--input-shape", type=_cli_type(_one_input_shape), action="append", metavar="N,C,H,W",
+        help="example input shape, like 1,3,224,224; repeat it, in order, for a model with several inputs",
+    )  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, default="table", help="report format (default: table)")
     parser.add_argument("--latency", action="store_true", help="also measure the time of a forward pass before and after")
 
@@ -335,18 +337,19 @@ def _cli_type(parse):
     return convert_text
 
 
-def _input_shape_arg(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' -> (1, 3, 224, 224)."""
-    parts = [part.strip() for part in text.split(",")]
-    try:
-        shape = tuple(int(part) for part in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(n < 1 for n in shape):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an input shape: write positive ints separated by commas, like 1,3,224,224"
-        )
+def _one_input_shape(text: str) -> Shape:
+    shape = from_text(text)
+    if several(shape):
+        raise ConvsepValueError(f"{text!r}: give one shape per --input-shape, and repeat the flag for each input")
     return shape
+
+
+def _input_shape(args: argparse.Namespace, checkpoint: Checkpoint) -> Optional[InputShape]:
+    """--input-shape (one per model input when repeated), else the shape recorded in the checkpoint."""
+    given = args.input_shape
+    if not given:
+        return checkpoint.input_shape
+    return given[0] if len(given) == 1 else tuple(given)
 
 
 # --- shared helpers ------------------------------------------------------------------------
@@ -394,13 +397,15 @@ def _build_model(spec: str) -> nn.Module:
     return model
 
 
-def _example_input(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    """A seeded random input of `shape` in the model's dtype; an error if the model cannot run on it."""
+def _example_input(model: nn.Module, shape: InputShape) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Seeded random inputs of `shape` in the model's dtype (a tuple for several inputs); an error if the model cannot run on them."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(s, generator=generator, dtype=dtype) for s in shapes_of(shape))
+    x = inputs if several(shape) else inputs[0]
     try:
         with torch.no_grad():
-            model(x)
+            model(*inputs)
     except Exception as error:  # user code: the shape check is whatever the model's forward rejects
         raise InputShapeError(
             f"input shape {_shape_text(shape)} does not fit the model ({error_summary(error)})"
@@ -435,8 +440,8 @@ def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:
     print(f"params: {params_before:,} -> {params_after:,} ({ratio:.1%})")
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-    return ",".join(map(str, shape))
+def _shape_text(shape: InputShape) -> str:
+    return " ".join(f"--input-shape {','.join(map(str, s))}" for s in shapes_of(shape)) if several(shape) else to_text(shape)
 
 
 def _note(text: str) -> None:

@@ -65,6 +65,37 @@ def test_load_without_model_returns_state_dict_and_plan(suffix, tmp_path):
         assert torch.equal(rebuilt(x), converted(x))
 
 
+@pytest.mark.parametrize("suffix", FORMATS)
+@pytest.mark.parametrize(
+    "given, recorded",
+    [
+        ((1, 3, 8, 8), (1, 3, 8, 8)),
+        (torch.Size([2, 3, 8, 8]), (2, 3, 8, 8)),
+        ([[1, 3, 8, 8], [1, 5]], ((1, 3, 8, 8), (1, 5))),  # a model with two inputs
+        (None, None),
+    ],
+)
+def test_input_shapes_are_recorded_for_one_input_or_several(suffix, given, recorded, tmp_path):
+    convsep.save(small_net(), tmp_path / f"net{suffix}", input_shape=given)
+    assert convsep.load(tmp_path / f"net{suffix}").input_shape == recorded
+
+
+@pytest.mark.parametrize("bad", ["1,3,8,8", (0, 3), (1.5, 3), (True, 3), [[1, 3], []], 5])
+def test_a_bad_input_shape_is_refused_before_anything_is_written(bad, tmp_path):
+    with pytest.raises(convsep.ConvsepValueError, match="is not an input shape"):
+        convsep.save(small_net(), tmp_path / "net.pt", input_shape=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_input_shape_in_a_checkpoint_is_named(tmp_path):
+    convsep.save(small_net(), tmp_path / "net.pt", input_shape=(1, 3, 8, 8))
+    content = torch.load(tmp_path / "net.pt", weights_only=True)
+    content["input_shape"] = ["one", 3]
+    torch.save(content, tmp_path / "net.pt")
+    with pytest.raises(convsep.CheckpointError, match=r"damaged convsep checkpoint: its input shape is \['one', 3\]"):
+        convsep.load(tmp_path / "net.pt")
+
+
 def test_pt_checkpoint_is_a_plain_dict_that_loads_with_weights_only(tmp_path):
     converted = convsep.convert(small_net(), rank=1)
     convsep.save(converted, tmp_path / "net.pt")

@@ -15,8 +15,6 @@ from convsep.imports import resolve_callable
 from convsep.models import small_cnn
 from helpers import assert_bitwise_equal, snapshot
 
-HAS_REPORT = callable(getattr(convsep, "report", None))
-needs_report = pytest.mark.skipif(not HAS_REPORT, reason="convsep.report (issue 3) is not merged into this branch yet")
 
 FACTORIES = """
 import torch
@@ -34,6 +32,19 @@ def pointwise_only():
 
 def returns_a_list():
     return [1, 2]
+
+class TwoInputs(nn.Module):  # a conv branch and a vector branch, added: two positional inputs
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.vector = nn.Linear(5, 8)
+
+    def forward(self, image, vector):
+        return self.conv(image).mean((2, 3)) + self.vector(vector)
+
+def two_inputs():
+    return TwoInputs()
 
 def broken():
     raise RuntimeError("the factory is broken")
@@ -227,7 +238,6 @@ def test_report_calls_the_report_api(work, capsys, monkeypatch):
     assert before is after and x.shape == (1, 1, 28, 28) and original_weights
 
 
-@needs_report
 def test_convert_report_matches_the_python_api(work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
     code, stdout, err = run(argv, capsys)
@@ -242,7 +252,6 @@ def test_convert_report_matches_the_python_api(work, capsys):
 TOTALS = ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")
 
 
-@needs_report
 @pytest.mark.parametrize("fmt", ["table", "markdown", "json", "csv"])
 def test_report_of_a_converted_checkpoint_has_the_totals_convert_printed(fmt, work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
@@ -258,15 +267,6 @@ def test_report_of_a_converted_checkpoint_has_the_totals_convert_printed(fmt, wo
         assert "|" in stdout
 
 
-ORIGINAL_WEIGHTS_OPTION = HAS_REPORT and "original_weights" in inspect.signature(convsep.report).parameters
-
-
-@needs_report
-@pytest.mark.skipif(
-    not ORIGINAL_WEIGHTS_OPTION,
-    reason="convsep.report has no original_weights=False option yet: a converted checkpoint's report compares "
-    "kernels with --model's initial weights instead of taking the weight errors from the plan",
-)
 def test_report_of_a_converted_checkpoint_shows_the_weight_errors_of_conversion(work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "2,1,28,28"]
     code, printed, err = run(argv + ["--format", "json"], capsys)
@@ -280,18 +280,38 @@ def test_report_of_a_converted_checkpoint_shows_the_weight_errors_of_conversion(
         assert errors == pytest.approx(expected, rel=1e-4)
 
 
-@needs_report
 def test_report_of_an_unconverted_checkpoint(work, capsys):
     code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--input-shape", "1,1,28,28"], capsys)
     assert code == 0, err
     assert "MACs" in stdout
 
 
-@needs_report
 def test_convert_with_latency(work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "1,1,28,28"]
     code, stdout, err = run(argv + ["--latency"], capsys)
     assert code == 0, err
+
+
+def test_a_model_with_two_inputs_takes_one_input_shape_each(work, capsys):
+    torch.manual_seed(0)
+    two = resolve_callable(spec(work, "two_inputs"))().eval()
+    torch.save(two.state_dict(), work / "two.pt")
+    argv = ["convert", work / "two.pt", "-o", work / "two_sep.safetensors", "--model", spec(work, "two_inputs")]
+    code, stdout, err = run(argv + ["--input-shape", "2,3,6,6", "--input-shape", "2,5", "--format", "json"], capsys)
+    assert code == 0, err
+    assert [i["shape"] for i in json.loads(stdout)["header"]["inputs"]] == [[2, 3, 6, 6], [2, 5]]
+    assert convsep.load(work / "two_sep.safetensors").input_shape == ((2, 3, 6, 6), (2, 5))
+
+    # the recorded shapes serve the report later; a shape that does not fit is named
+    code, stdout, err = run(["report", work / "two_sep.safetensors", "--model", spec(work, "two_inputs"), "--format", "json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["totals"]["macs_before"] > json.loads(stdout)["totals"]["macs_after"]
+    code, _, err = run(argv + ["--input-shape", "2,3,6,6", "--force"], capsys)
+    assert code == 1 and "input shape 2,3,6,6 does not fit" in err, err
+    code, _, err = run(argv + ["--input-shape", "2,3,6,6", "--input-shape", "2,4", "--force"], capsys)
+    assert code == 1 and "--input-shape 2,3,6,6 --input-shape 2,4 does not fit" in err, err
+    code, _, err = run(argv + ["--input-shape", "2,3,6,6;2,5"], capsys)
+    assert code == 2 and "one shape per --input-shape" in err, err
 
 
 # --- demo, help, version -------------------------------------------------------------------
@@ -302,10 +322,7 @@ def test_demo_converts_a_built_in_model(capsys):
     assert code == 0, err
     assert out.startswith("small_cnn (random weights), rank=1")
     assert "relative output error on a random input:" in out
-    if HAS_REPORT:
-        assert "MACs" in out
-    else:
-        assert "converted 4 of 4 convolutions" in out and "params:" in out
+    assert "MACs" in out
 
 
 def test_demo_full_rank_is_exact(capsys):
