@@ -126,6 +126,9 @@ def finetune(
     buffers = _BufferBackup(model)
     teacher_mode = contextlib.ExitStack()  # the teacher runs in eval mode; its own flags come back at the end
     teacher_mode.enter_context(eval_mode(*([teacher] if teacher is not None else [])))
+    # Training needs autograd even when the caller runs under torch.no_grad() or inference_mode().
+    teacher_mode.enter_context(torch.inference_mode(False))
+    teacher_mode.enter_context(torch.enable_grad())
     model.train()
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
     bar = progress_bar(total, verbose, "finetune", "step")

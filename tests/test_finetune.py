@@ -214,6 +214,16 @@ def test_a_one_shot_generator_gives_one_epoch_with_a_warning():
     assert len(calls) == 3
 
 
+def test_training_works_when_the_caller_has_turned_autograd_off():
+    torch.manual_seed(0)
+    model, x = small_net(), torch.randn(4, 3, 12, 12)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        convsep.finetune(model, [x], teacher=small_net(), steps=2, verbose=False)
+    assert torch.is_grad_enabled()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
