@@ -19,8 +19,9 @@ from .errors import ConvsepValueError, error_summary
 def parse_device(device: Any) -> torch.device:
     """torch.device(device), checked to exist on this machine (a clear error instead of a failure mid-run)."""
     try:
-        parsed = torch.device(device)
-        torch.empty(0, device=parsed)  # raises for a device type or index this build or machine lacks
+        # Allocating raises for a device type or index this build or machine lacks, and names the concrete
+        # device ('cuda' -> 'cuda:0', 'cpu:0' -> 'cpu'), so models already there are recognised as there.
+        parsed = torch.empty(0, device=torch.device(device)).device
         if parsed.type == "meta":
             raise RuntimeError("meta tensors hold no data to train or calibrate on")
     except (RuntimeError, TypeError, AssertionError) as error:  # torch's errors for unknown/unavailable devices

@@ -313,3 +313,11 @@ def test_the_fashion_mnist_example_runs_in_quick_mode(capsys):
         assert example.main(["--quick", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "original" in out and "fine-tuned" in out
+
+
+def test_a_device_written_without_its_index_is_where_the_teacher_already_is():
+    from convsep.devices import on_device, parse_device
+
+    teacher = small_net()
+    assert parse_device("cpu:0") == parse_device("cpu") == torch.device("cpu")
+    assert on_device(teacher, parse_device("cpu:0")) is teacher  # no copy of a model already there
