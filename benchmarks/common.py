@@ -7,12 +7,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import IO, Callable
+from typing import Callable
 
 import torch
+
+from convsep.files import write_atomically  # the checkpoints' writer: results are never half-written
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,25 +54,9 @@ def machine_line() -> str:
     return f"{m['cpu']}, {m['cores']} CPU cores ({m['torch_threads']} torch threads), torch {m['torch']}, Python {m['python']}"
 
 
-def write_atomically(path: Path | str, write: Callable[[IO[bytes]], object]) -> Path:
-    """write(file) into a temporary file beside `path`, then move it into place: never a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            write(tmp)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp.name, 0o666 & ~umask)  # temporary files are private; results are not
-    os.replace(tmp.name, path)
-    return path
-
-
 def save_json(name: str, payload: dict, path: Path | str | None = None) -> Path:
     """Write results, with the machine they were measured on, to `path` (default benchmarks/results/NAME.json)."""
     text = json.dumps({"machine": machine(), **payload}, indent=2) + "\n"
-    return write_atomically(path or RESULTS / f"{name}.json", lambda f: f.write(text.encode()))
+    path = Path(path or RESULTS / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))

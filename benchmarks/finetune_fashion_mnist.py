@@ -29,9 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 import convsep  # noqa: E402
+from convsep.files import write_atomically  # noqa: E402
 from convsep.models import small_cnn  # noqa: E402
 import fashion_mnist  # noqa: E402
-from common import machine_line, save_json, write_atomically  # noqa: E402
+from common import machine_line, save_json  # noqa: E402
 from costs import costs  # noqa: E402
 from fashion_mnist_end_to_end import (  # noqa: E402
     QUICK_TEST, QUICK_TRAIN, calibrate, convert_variants, nhwc, timed, train_original,
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         step = f"trained, {args.epochs} epochs"
         if args.original:
             cache = {"state_dict": original.state_dict(), "train_seconds": train_seconds}
-            write_atomically(args.original, lambda f: torch.save(cache, f))
+            os.makedirs(os.path.dirname(os.path.abspath(args.original)), exist_ok=True)
+            write_atomically(args.original, lambda tmp: torch.save(cache, tmp))
     base = measure("original", step, original, train_seconds)
 
     variants = convert_variants(original, example, args.ranks, args.budgets, args.stem_kept_ranks)

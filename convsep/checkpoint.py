@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,6 +44,7 @@ from .errors import (
     first_line,
 )
 from . import shapes
+from .files import write_atomically
 from .plan import ConversionPlan, plan_of
 from .shapes import InputShape
 from .version import __version__
@@ -126,7 +126,7 @@ def save(model: nn.Module, path: PathLike, *, input_shape: Optional[InputShape] 
         if shape is not None:
             metadata[_META_SHAPE] = shapes.to_text(shape)
         tensors = _safetensors_ready(state_dict)
-        _write_atomically(path, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=metadata))
+        write_atomically(path, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=metadata))
     else:
         payload = {
             _META_FORMAT: FORMAT_VERSION,
@@ -135,7 +135,7 @@ def save(model: nn.Module, path: PathLike, *, input_shape: Optional[InputShape] 
             "input_shape": shapes.to_record(shape),
             "state_dict": dict(state_dict),
         }
-        _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+        write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load(
@@ -434,38 +434,6 @@ def _safetensors_ready(state_dict: dict) -> dict[str, torch.Tensor]:
         value = value.detach()
         tensors[name] = value.clone() if shares else value.contiguous()
     return tensors
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call write(temp_name) for a temporary file beside `path`, then move it into place."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException as error:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(error, OSError):
-            raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --- small helpers -------------------------------------------------------------------------
