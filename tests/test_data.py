@@ -7,12 +7,11 @@ from torch import nn
 import convsep
 from convsep.data import ImageFolder, load_batches
 
-Image = pytest.importorskip("PIL.Image")
-
 
 @pytest.fixture
 def image_folder(tmp_path):
     """Five images of mixed sizes and modes, one in a subfolder, plus a file that is not an image."""
+    Image = pytest.importorskip("PIL.Image")  # only the image tests need Pillow
     Image.new("L", (10, 6), color=255).save(tmp_path / "a_white.png")
     Image.new("RGB", (7, 9), color=(255, 0, 51)).save(tmp_path / "b_red.png")
     Image.new("RGBA", (5, 5), color=(0, 0, 0, 0)).save(tmp_path / "c_clear.png")

@@ -1,7 +1,5 @@
 """The converted model is an ordinary nn.Module: torch.compile, torch.export and ONNX take it."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -36,14 +34,10 @@ def test_torch_export_captures_the_converted_model(factory):
     assert any("convolution" in t or "conv2d" in t for t in targets)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
-    reason="onnx and onnxscript are not installed (pip install onnx onnxscript to run this test)",
-)
 def test_onnx_export(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
     _, converted = _converted()
     path = tmp_path / "model.onnx"
     torch.onnx.export(converted, (torch.randn(1, 1, 28, 28),), str(path), dynamo=True)
-    import onnx
-
     onnx.checker.check_model(onnx.load(str(path)))
