@@ -18,6 +18,11 @@ The ridge term pulls towards the current weights (the SVD init at first), not to
 zero: with little data, or directions the data never excites, the fit stays where the
 closed form put it. Its strength is `ridge` times the mean diagonal of the system's
 Gram matrix, so it does not depend on the scale of the activations.
+
+Under torchrun each process passes its own shard of the batches: the sums of every layer are
+added up over the processes before its solve, and rank 0's solution is broadcast, so every
+process ends with the same weights as one process calibrating on all the shards (to float
+rounding); shards may differ in length, and some may be empty.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import distributed
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError
@@ -81,38 +87,53 @@ def calibrate(
         copied there if it lives elsewhere). Default: the device of converted's parameters.
 
     The per-layer errors are recorded in `converted.convsep_plan.calibration`.
-    """
-    plan = _check_arguments(converted, original, batches, ridge, alternate)
-    if device is not None:
-        device = parse_device(device)
-        converted.to(device)
-        original = on_device(original, device)
-    else:
-        device = device_of(converted)
-    source = _Batches(data, batches, device)
 
-    layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+    In a torch.distributed process group (torchrun), `data` is this process's shard: the fit uses
+    the batches of every process, and every process ends with the same weights (see the module
+    docstring). Only rank 0 prints. All processes must pass the same models.
+    """
+    with distributed.together():  # a bad argument on one process ends them all, not only that one
+        plan = _check_arguments(converted, original, batches, ridge, alternate)
+        if device is not None:
+            device = parse_device(device)
+            converted.to(device)
+            original = on_device(original, device)
+        else:
+            device = device_of(converted)
+        source = _Batches(data, batches, device)
+        layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+    converted_layers = ";".join(f"{d.name}>{d.module}@{d.rank}" for d in plan.converted)
+    distributed.same_everywhere(distributed.fingerprint(converted, original, extra=converted_layers), "models")
+    verbose = verbose and distributed.is_main()
+
     with eval_mode(converted, original), torch.no_grad():
-        order, calls = _run_order(converted, [layer.pair for layer in layers], source.first())
-        by_pair = {id(layer.pair): layer for layer in layers}
-        not_run = [layer.decision.name for layer in layers if id(layer.pair) not in calls]
-        if not_run:
+        with distributed.together():
+            first = source.first()
+            order = None if first is None else _run_order(converted, layers, first)
+        order = distributed.first_given(order)  # a process with an empty shard learns it from the others
+        if order is None:
+            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+        reached = {index for index, _ in order}
+        not_run = [layer.decision.name for index, layer in enumerate(layers) if index not in reached]
+        if not_run and distributed.is_main():
             warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
         total = len(order) * source.count if source.count else 0
         progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
         results = {}
         try:
-            for pair_id in order:  # in the order the model runs them, so each fit sees the ones before it
-                layer = by_pair[pair_id]
+            for index, calls in order:  # in the order the model runs them, so each fit sees the ones before it
+                layer = layers[index]
                 results[layer.decision.name] = _calibrate_layer(
-                    layer, calls[pair_id], original, converted, source, ridge, alternate, verbose, progress
+                    layer, calls, original, converted, source, ridge, alternate, verbose, progress
                 )
         finally:
             if progress is not None:
                 progress.close()
+    counts = torch.tensor([source.count or 0, source.samples], dtype=torch.float64)
+    distributed.all_sum([counts])
     plan.calibration = {
-        "batches": source.count,
-        "samples": source.samples,
+        "batches": int(counts[0]),
+        "samples": int(counts[1]),
         "ridge": ridge,
         "alternate": alternate,
         "layers": results,
@@ -121,22 +142,27 @@ def calibrate(
 
 
 def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate, verbose, progress) -> dict:
-    """Accumulate one pair's sums over all batches, refit it, and say how its output error changed."""
+    """Accumulate one pair's sums over all batches (of every process), refit it, and say how its output error changed."""
     stats = _LayerStats(layer.pair, patches=alternate > 0)
-    for index, inputs in enumerate(source, 1):
-        where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
-        targets = _original_outputs(original, layer.weight, inputs, calls, where)
-        sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
-        if len(targets) != len(sources):
-            raise ConvsepValueError(
-                f"{where}: the layer ran {len(sources)} times in the converted model and "
-                f"{len(targets)} times in the original: is `original` the model convert was given?"
-            )
-        for x, y in zip(sources, targets):
-            stats.add(x, y, layer.decision.name)
-        if progress is not None:
-            progress.update()
-    before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
+    with distributed.together():
+        for index, inputs in enumerate(source, 1):
+            where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
+            targets = _original_outputs(original, layer.weight, inputs, calls, where)
+            sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
+            if len(targets) != len(sources):
+                raise ConvsepValueError(
+                    f"{where}: the layer ran {len(sources)} times in the converted model and "
+                    f"{len(targets)} times in the original: is `original` the model convert was given?"
+                )
+            for x, y in zip(sources, targets):
+                stats.add(x, y, layer.decision.name)
+            if progress is not None:
+                progress.update()
+    stats.sum_over_processes()
+    with distributed.together():
+        before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
+    # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
+    distributed.broadcast_module(layer.pair)
     message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
     log.info("%s", message)
     if verbose:
@@ -183,8 +209,6 @@ class _Batches:
         self.count: Optional[int] = None  # batches per pass, known once a pass has ended (or from len())
         if hasattr(self.data, "__len__"):
             self.count = len(self.data) if limit is None else min(len(self.data), limit)
-        if self.first() is None:
-            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
 
     def _inputs(self):
         for index, batch in enumerate(itertools.islice(self.data, self.limit), 1):
@@ -192,6 +216,7 @@ class _Batches:
             yield to_device(inputs, self.device)
 
     def first(self):
+        """The first batch's inputs, or None for data that yields nothing (checked by the caller, with the other processes)."""
         return next(self._inputs(), None)
 
     def __iter__(self):
@@ -254,20 +279,21 @@ def _forward(model: nn.Module, inputs: Any, where: str, who: str = "model") -> N
         raise cannot_run(where, who, args, error) from error
 
 
-def _run_order(converted: nn.Module, pairs: list[_SeparableConvNd], inputs: Any) -> tuple[list[int], dict[int, int]]:
-    """The pairs in the order of their first call on one batch, and how often each is called."""
+def _run_order(converted: nn.Module, layers: list[_Layer], inputs: Any) -> list[tuple[int, int]]:
+    """(index in `layers`, calls per batch) of the pairs in the order of their first call on one batch."""
     calls: dict[int, int] = {}
 
     def record(module, _args):
         calls[id(module)] = calls.get(id(module), 0) + 1
 
-    handles = [pair.register_forward_pre_hook(record) for pair in {id(p): p for p in pairs}.values()]
+    index_of = {id(layer.pair): index for index, layer in enumerate(layers)}  # a shared pair: its last layer
+    handles = [layers[index].pair.register_forward_pre_hook(record) for index in index_of.values()]
     try:
         _forward(converted, inputs, "calibration batch 1", "converted model")
     finally:
         for handle in handles:
             handle.remove()
-    return list(calls), calls
+    return [(index_of[pair], count) for pair, count in calls.items()]
 
 
 def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected: int, where: str) -> list[Tensor]:
@@ -366,6 +392,14 @@ class _LayerStats:
             self.target_sum += t.sum(dim=2).double()
             self.count += f.shape[-1]
             self.target_energy += float(t.double().square().sum())
+
+    def sum_over_processes(self) -> None:
+        """Add up the sums of every process of a distributed job (nothing to do in one process)."""
+        if not distributed.active():
+            return
+        scalars = torch.tensor([self.count, self.target_energy], dtype=torch.float64, device=self.gram.device)
+        distributed.all_sum([self.gram, self.cross, self.feature_sum, self.target_sum, scalars])
+        self.count, self.target_energy = int(scalars[0]), float(scalars[1])
 
 
 def _by_group(x: Tensor, groups: int) -> Tensor:

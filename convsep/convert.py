@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import distributed
 from .budget import allocate, cheapest_cost, options_from_spectrum
 from .calibrate import calibrate
 from .count import (
@@ -447,6 +448,24 @@ def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], 
             candidate.decision.reason = "objective='latency' times module convs only; this functional conv stays"
     chosen = [c for c in chosen if c.site is None]
 
+    # Timings differ from process to process: under torchrun rank 0 measures and decides for all, so
+    # that every process builds the same model.
+    with distributed.together():
+        if distributed.is_main():
+            work = _measured_faster(original, work, chosen, args, found, init)
+    decided = distributed.broadcast_object([_latency_decision(c.decision) for c in chosen])
+    if not distributed.is_main():
+        for candidate, decision in zip(chosen, decided):
+            candidate.decision.converted, candidate.decision.reason, candidate.decision.relative_error = decision
+        work = _apply(work, [c for c in chosen if c.decision.converted], found, use_svd=init == "svd")
+    return work
+
+
+def _latency_decision(decision: LayerDecision) -> tuple:
+    return decision.converted, decision.reason, decision.relative_error
+
+
+def _measured_faster(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:
     def timing_pair(candidate: Candidate) -> nn.Module:  # same shapes and cost; its weights do not matter
         return SEPARABLE_FOR_DIMS[candidate.conv.weight.dim() - 2]._build(candidate.conv, candidate.decision.rank)
 

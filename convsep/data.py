@@ -99,8 +99,15 @@ class ImageFolder:
         return -(-len(self.files) // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.files), self.batch_size):
-            yield torch.stack([self._read(p) for p in self.files[start : start + self.batch_size]])
+        for index in range(len(self)):
+            yield self[index]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Batch `index` alone (a process of a distributed job decodes only the batches of its shard)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        start = (index % len(self)) * self.batch_size
+        return torch.stack([self._read(p) for p in self.files[start : start + self.batch_size]])
 
     def _read(self, path: Path) -> torch.Tensor:
         Image = self._image_module

@@ -17,6 +17,14 @@ term on the scale of the hard one whatever the temperature.
 Optimisation follows the usual recipe: AdamW (or SGD with momentum), a cosine schedule, gradient
 clipping, and no weight decay on depthwise filters (MobileNet: they hold few parameters, so decay
 mostly shrinks them) nor on biases and normalisation parameters.
+
+Under torchrun each process passes its own shard of the batches and the model is wrapped in
+DistributedDataParallel: gradients are averaged over the processes, so a step sees the batches of
+all of them, and every process ends with the same weights. The processes agree before every step
+that each has a batch (the shortest shard sets the length of an epoch) and that none failed, so a
+bad batch or a NaN on one process stops all of them with the same error instead of a hang.
+Normalisation layers use each process's own batch statistics (as DDP does; convert them to
+SyncBatchNorm yourself on GPUs); their running statistics end as rank 0's.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
+from . import distributed
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
@@ -103,16 +112,23 @@ def finetune(
     A step whose loss or gradient is NaN or infinite stops training with `NonFiniteLossError` naming the
     step, before the optimiser runs: the model keeps the weights and buffers (norm statistics) of the
     last finite step. Bad batches raise `InputShapeError`; data that yields no batch `ConvsepValueError`.
+
+    In a torch.distributed process group (torchrun), `data` is this process's shard and training is
+    data-parallel (see the module docstring); the progress bar and log lines come from rank 0 only.
     """
-    _check_arguments(
-        model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
-    )
-    device = parse_device(device) if device is not None else device_of(model)
-    model.to(device)
-    named = _trainable_parameters(model, trainable)
-    if teacher is not None:
-        _check_teacher(model, teacher)
-        teacher = on_device(teacher, device)
+    with distributed.together():  # a bad argument on one process ends them all, not only that one
+        _check_arguments(
+            model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
+        )
+        device = parse_device(device) if device is not None else device_of(model)
+        model.to(device)
+        named = _trainable_parameters(model, trainable)
+        if teacher is not None:
+            _check_teacher(model, teacher)
+            teacher = on_device(teacher, device)
+    trained_names = ",".join(name for name, _ in named)
+    distributed.same_everywhere(distributed.fingerprint(model, teacher, extra=trained_names), "models")
+    verbose = verbose and distributed.is_main()
 
     total = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
@@ -131,6 +147,7 @@ def finetune(
     teacher_mode.enter_context(torch.enable_grad())
     model.train()
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
+    student = _data_parallel(model, device)
     bar = progress_bar(total, verbose, "finetune", "step")
     try:
         step, epoch, epoch_loss, epoch_steps = 0, 0, 0.0, 0
@@ -141,14 +158,17 @@ def finetune(
             buffers.save()
             opt.zero_grad(set_to_none=True)
             try:
-                inputs, targets = (to_device(part, device) for part in split_batch(batch, f"batch {step}"))
-                student_out = _run(model, inputs, step, "model")
-                teacher_out = None
-                if teacher is not None and objective.wants_teacher(targets is not None):
-                    with torch.no_grad():
-                        teacher_out = _run(teacher, inputs, step, "teacher")
-                value = objective(student_out, teacher_out, targets, step)
-                _check_finite(value, "loss", step, total, epoch, lr)
+                # Everything up to the loss may fail on one process only: all of them hear of it before the
+                # backward pass, whose gradient all-reduce would otherwise wait for the failed one forever.
+                with distributed.together():
+                    inputs, targets = (to_device(part, device) for part in split_batch(batch, f"batch {step}"))
+                    student_out = _run(student, inputs, step, "model")
+                    teacher_out = None
+                    if teacher is not None and objective.wants_teacher(targets is not None):
+                        with torch.no_grad():
+                            teacher_out = _run(teacher, inputs, step, "teacher")
+                    value = objective(student_out, teacher_out, targets, step)
+                    _check_finite(value, "loss", step, total, epoch, lr)
                 value.backward()
                 norm = nn.utils.clip_grad_norm_(params, clip_grad_norm or math.inf)
                 _check_finite(norm, "gradient norm", step, total, epoch, lr)
@@ -165,11 +185,15 @@ def finetune(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
         if step == 0:
+            whose = "data" if not distributed.active() else "the data of at least one process"
             raise ConvsepValueError(
-                f"data yielded no batches ({type(data).__name__} was empty): pass an iterable of input tensors "
-                "or (inputs, targets) tuples"
+                f"{whose} yielded no batches ({type(data).__name__} was empty here): pass an iterable of input "
+                "tensors or (inputs, targets) tuples"
             )
-        log.info("fine-tuned %d steps; mean loss of the last epoch %.4f", step, epoch_loss / max(epoch_steps, 1))
+        if distributed.is_main():
+            log.info("fine-tuned %d steps; mean loss of the last epoch %.4f", step, epoch_loss / max(epoch_steps, 1))
+        # Running statistics were updated by each process's own batches: end with rank 0's everywhere.
+        distributed.broadcast_tensors(model.buffers())
     finally:
         if bar is not None:
             bar.close()
@@ -289,13 +313,31 @@ def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
         raise cannot_run(f"batch {step}", who, args, err) from err
 
 
+_END = object()
+
+
 def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) pairs: `epochs` passes over data, or exactly `steps` batches cycling over it."""
+    """(epoch, batch) pairs: `epochs` passes over data, or exactly `steps` batches cycling over it.
+
+    With several processes, an epoch ends on all of them as soon as one has no batch left.
+    """
     taken, epoch = 0, 0
     while steps is not None or epoch < epochs:
         epoch += 1
         yielded = 0
-        for batch in data:
+        with distributed.together():
+            batches = iter(data)
+        while True:
+            with distributed.together():
+                batch = next(batches, _END)
+            if not distributed.everywhere(batch is not _END):
+                if batch is not _END:
+                    log.warning(
+                        "rank %d: another process ran out of batches, so epoch %d ended after %d steps; this "
+                        "process's remaining batches were not used (give every process as many batches)",
+                        distributed.rank(), epoch, yielded,
+                    )  # fmt: skip
+                break
             yielded, taken = yielded + 1, taken + 1
             yield epoch, batch
             if steps is not None and taken >= steps:
@@ -311,13 +353,36 @@ def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple
 
 
 def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[int]:
+    """Steps of the whole run (for the schedule); with several processes, of the shortest shard."""
     if steps is not None:
         return steps
     try:
         per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
-        return None
-    return epochs * per_epoch if per_epoch > 0 else None
+        per_epoch = -1  # unknown
+    shortest, longest = distributed.global_min(per_epoch), -distributed.global_min(-per_epoch)
+    if shortest != longest and shortest >= 0 and distributed.is_main():
+        warnings.warn(
+            f"the processes' shards hold {shortest} to {longest} batches: every process trains {shortest} steps "
+            "per epoch (the shortest shard) and the rest is not used",
+            stacklevel=3,
+        )
+    return epochs * shortest if shortest > 0 else None
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped in DistributedDataParallel in a process group of several, else the model itself.
+
+    static_graph: every step trains the same parameters, which lets DDP cope with parameters the
+    forward pass does not use and with modules called twice. No buffer broadcast in forward: it would
+    be a collective before the processes agree that every one of them has a good batch.
+    """
+    if not distributed.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
 
 
 def _cosine(total: int) -> Callable[[int], float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .probe import eval_mode
 
 
@@ -77,3 +78,18 @@ def measure(model: nn.Module, args: tuple[Tensor, ...], modules: list[nn.Module]
                     times.append(spent[key])
     layers = {key: statistics.median(t) for key, t in per_layer.items() if t}
     return Timing(statistics.median(totals), layers)
+
+
+def measure_once(model: nn.Module, args: tuple[Tensor, ...], modules: list[nn.Module], *, runs: int, warmup: int) -> Timing:
+    """measure() in one process: under torchrun rank 0 times and every process gets its figures.
+
+    Timings differ from process to process, and a report must not: rank 0's are the ones shown.
+    """
+    if not distributed.active():
+        return measure(model, args, modules, runs=runs, warmup=warmup)
+    with distributed.together():
+        timing = measure(model, args, modules, runs=runs, warmup=warmup) if distributed.is_main() else None
+    # Layers travel by position in `modules`: id() means nothing in another process.
+    shared = distributed.broadcast_object(None if timing is None else (timing.total, [timing.layers.get(id(m)) for m in modules]))
+    total, per_layer = shared
+    return Timing(total, {id(m): t for m, t in zip(modules, per_layer) if t is not None})

@@ -229,7 +229,7 @@ def report(
         for side, model in ((0, before), (1, after)):
             sites = [getattr(layer, ("before", "after")[side]) for layer in layers]
             modules = [s.module for s in sites if s is not None and s.module is not None]
-            timings.append(latency_timer.measure(model, args, modules, runs=latency_runs, warmup=latency_warmup))
+            timings.append(latency_timer.measure_once(model, args, modules, runs=latency_runs, warmup=latency_warmup))
 
     rows = [_row(layer, probes, timings, original_weights) for layer in _in_execution_order(layers, probes)]
     totals = _totals(before, after, probes, timings)

@@ -1,0 +1,140 @@
+"""What each process of a distributed test runs (see multiprocess.py); the tests compare the results.
+
+Every process builds the same seeded model and the same seeded batches, then keeps its shard:
+batch i goes to rank i mod world size, as the CLI shards. Results are written to the folder as
+rank<N>.pt (state_dicts, plans) or rank<N>.json (errors), for the test to read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import convsep
+
+
+def net() -> nn.Module:
+    """Small, no batch norm (so one process on the global batch is the same computation), grouped conv and biases."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, stride=2), nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+    ).double()  # fmt: skip
+
+
+def batches(count: int = 6, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 3, 8, 8, generator=generator, dtype=torch.float64), torch.randint(0, 4, (size,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def shard(items: list) -> list:
+    return items[dist.get_rank() :: dist.get_world_size()]
+
+
+def save(folder: str, result) -> None:
+    torch.save(result, Path(folder) / f"rank{dist.get_rank()}.pt")
+
+
+def record_error(folder: str, run) -> None:
+    """Run `run()`; write the error it raised (type, message) or None, so the test can compare the ranks."""
+    try:
+        run()
+        outcome = None
+    except Exception as error:
+        outcome = {"type": type(error).__name__, "message": str(error), "convsep": isinstance(error, convsep.ConvsepError)}
+    (Path(folder) / f"rank{dist.get_rank()}.json").write_text(json.dumps(outcome))
+
+
+# --- calibrate -----------------------------------------------------------------------------------
+
+
+def calibrate_unequal_shards(folder: str) -> None:
+    """Five batches of different sizes: rank 0 gets three, rank 1 two."""
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    converted = convsep.convert(model, rank=1)
+    convsep.calibrate(converted, model, shard(data), alternate=1)
+    save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
+
+
+def calibrate_empty_shard(folder: str) -> None:
+    model = net()
+    data = [x for x, _ in batches(3)] if dist.get_rank() == 0 else []
+    converted = convsep.convert(model, rank=1)
+    convsep.calibrate(converted, model, data)
+    save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
+
+
+def calibrate_bad_batch_on_rank_1(folder: str) -> None:
+    model = net()
+    data = [x for x, _ in batches(2)]
+    if dist.get_rank() == 1:
+        data[1] = torch.randn(2, 5, 8, 8, dtype=torch.float64)  # five channels: the model takes three
+    converted = convsep.convert(model, rank=1)
+    record_error(folder, lambda: convsep.calibrate(converted, model, data))
+
+
+def calibrate_different_models(folder: str) -> None:
+    model = net()
+    converted = convsep.convert(model, rank=1 + dist.get_rank())  # rank 1 was handed another conversion
+    record_error(folder, lambda: convsep.calibrate(converted, model, [x for x, _ in batches(2)]))
+
+
+# --- finetune ------------------------------------------------------------------------------------
+
+
+def _student_and_teacher():
+    teacher = net()
+    return convsep.convert(teacher, rank=2), teacher
+
+
+def finetune_sharded(folder: str) -> None:
+    """Six batches of four, two epochs: every step sees two batches (one per rank)."""
+    student, teacher = _student_and_teacher()
+    convsep.finetune(student, shard(batches(6)), teacher=teacher, epochs=2, lr=1e-2, verbose=False)
+    save(folder, {"state": student.state_dict()})
+
+
+def finetune_unequal_shards(folder: str) -> None:
+    """Seven batches: rank 0 gets four, rank 1 three; every rank trains three steps."""
+    student, teacher = _student_and_teacher()
+    convsep.finetune(student, shard(batches(7)), teacher=teacher, lr=1e-2, verbose=False)
+    save(folder, {"state": student.state_dict()})
+
+
+def finetune_nan_on_rank_1(folder: str) -> None:
+    student, teacher = _student_and_teacher()
+    data = shard(batches(6))
+    if dist.get_rank() == 1:
+        x, y = data[1]
+        data[1] = (torch.full_like(x, float("nan")), y)
+    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, verbose=False))
+    save(folder, {"state": student.state_dict()})
+
+
+def finetune_bad_batch_on_rank_0(folder: str) -> None:
+    student, teacher = _student_and_teacher()
+    data = shard(batches(4))
+    if dist.get_rank() == 0:
+        data[1] = (torch.randn(4, 2, 8, 8, dtype=torch.float64), data[1][1])
+    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, verbose=False))
+
+
+# --- convert and report --------------------------------------------------------------------------
+
+
+def convert_for_latency(folder: str) -> None:
+    """Each rank times the layers; the plan must still be the same everywhere (rank 0's timings)."""
+    model = net().float()
+    x = torch.randn(2, 3, 8, 8)
+    converted = convsep.convert(model, rank=1, objective="latency", example_inputs=x)
+    timed = convsep.report(model, converted, x, latency=True, latency_runs=2)
+    save(folder, {"plan": converted.convsep_plan.to_json(), "latency": timed.totals["latency_after_ms"]})

@@ -1,0 +1,127 @@
+"""Two real processes (gloo, CPU) against one: sharded work ends where one process on all the data ends.
+
+Each job runs in tests/jobs.py under multiprocess.run_ranks, with a timeout, so a hang fails.
+"""
+
+import json
+
+import pytest
+import torch
+
+import convsep
+from helpers import relative_error
+from jobs import _student_and_teacher, batches, net
+from multiprocess import run_ranks, succeeded
+
+
+def _results(folder, world=2):
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _errors(folder, world=2):
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _assert_bitwise_same(states):
+    for key, value in states[0].items():
+        assert all(torch.equal(value, other[key]) for other in states[1:]), key
+
+
+def _assert_close(state, expected, tolerance):
+    for key, value in expected.items():
+        assert relative_error(state[key], value) < tolerance, key
+
+
+def test_sharded_calibration_equals_one_process_on_all_batches(tmp_path):
+    succeeded(run_ranks("calibrate_unequal_shards", tmp_path))
+    results = _results(tmp_path)
+    _assert_bitwise_same([r["state"] for r in results])
+
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    alone = convsep.calibrate(convsep.convert(model, rank=1), model, data, alternate=1)
+    _assert_close(results[0]["state"], alone.state_dict(), 1e-4)
+    calibration = results[0]["calibration"]
+    assert (calibration["batches"], calibration["samples"]) == (5, sum(len(x) for x in data))
+    for name, errors in alone.convsep_plan.calibration["layers"].items():  # the errors are the global ones
+        assert calibration["layers"][name] == pytest.approx(errors, rel=1e-6)
+
+
+def test_a_process_with_no_batches_gets_the_weights_of_the_others(tmp_path):
+    succeeded(run_ranks("calibrate_empty_shard", tmp_path))
+    results = _results(tmp_path)
+    _assert_bitwise_same([r["state"] for r in results])
+    model = net()
+    alone = convsep.calibrate(convsep.convert(model, rank=1), model, [x for x, _ in batches(3)])
+    _assert_close(results[1]["state"], alone.state_dict(), 1e-4)
+    assert results[1]["calibration"]["batches"] == 3
+
+
+def test_a_bad_batch_on_one_process_stops_every_process_with_its_error(tmp_path):
+    succeeded(run_ranks("calibrate_bad_batch_on_rank_1", tmp_path))
+    failed, told = _errors(tmp_path)[::-1]
+    assert failed["type"] == told["type"] == "InputShapeError"
+    assert "calibration batch 2" in failed["message"]
+    assert told["message"].startswith("rank 1: calibration batch 2")
+
+
+def test_processes_given_different_models_are_told_so(tmp_path):
+    succeeded(run_ranks("calibrate_different_models", tmp_path))
+    for error in _errors(tmp_path):
+        assert error["type"] == "ConvsepValueError" and "different models" in error["message"]
+        assert "rank(s) 1 differ" in error["message"]
+
+
+def _finetuned_alone(global_batches, **kwargs):
+    student, teacher = _student_and_teacher()
+    return convsep.finetune(student, global_batches, teacher=teacher, lr=1e-2, verbose=False, **kwargs).state_dict()
+
+
+def _merged(pairs):
+    """One process's batch for each step of two: both ranks' batches of that step, concatenated."""
+    return [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in pairs]
+
+
+def test_data_parallel_finetuning_equals_one_process_on_the_global_batches(tmp_path):
+    succeeded(run_ranks("finetune_sharded", tmp_path))
+    states = [r["state"] for r in _results(tmp_path)]
+    _assert_bitwise_same(states)
+    data = batches(6)
+    alone = _finetuned_alone(_merged(zip(data[0::2], data[1::2])), epochs=2)
+    _assert_close(states[0], alone, 1e-6)
+    untrained, _ = _student_and_teacher()
+    assert relative_error(states[0]["0.pointwise.weight"], untrained.state_dict()["0.pointwise.weight"]) > 1e-3
+
+
+def test_unequal_shards_train_the_steps_of_the_shortest(tmp_path):
+    finished = succeeded(run_ranks("finetune_unequal_shards", tmp_path))
+    states = [r["state"] for r in _results(tmp_path)]
+    _assert_bitwise_same(states)
+    data = batches(7)
+    alone = _finetuned_alone(_merged(zip(data[0::2], data[1::2])))  # three steps, schedule over three
+    _assert_close(states[0], alone, 1e-6)
+    assert "3 to 4 batches: every process trains 3 steps" in finished[0].stderr
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
+    succeeded(run_ranks("finetune_nan_on_rank_1", tmp_path))
+    rank_0, rank_1 = _errors(tmp_path)
+    assert rank_0["type"] == rank_1["type"] == "NonFiniteLossError"
+    assert "step 2" in rank_1["message"] and rank_0["message"] == "rank 1: " + rank_1["message"].splitlines()[0]
+    states = [r["state"] for r in _results(tmp_path)]
+    _assert_bitwise_same(states)  # both keep the weights of step 1
+    assert all(torch.isfinite(v).all() for v in states[0].values())
+
+
+def test_a_batch_that_does_not_fit_on_rank_0_stops_rank_1_too(tmp_path):
+    succeeded(run_ranks("finetune_bad_batch_on_rank_0", tmp_path))
+    rank_0, rank_1 = _errors(tmp_path)
+    assert rank_0["type"] == rank_1["type"] == "InputShapeError"
+    assert rank_1["message"].startswith("rank 0: batch 2")
+
+
+def test_latency_objective_and_report_use_rank_0s_timings_everywhere(tmp_path):
+    succeeded(run_ranks("convert_for_latency", tmp_path))
+    rank_0, rank_1 = _results(tmp_path)
+    assert rank_0["plan"] == rank_1["plan"]  # reasons quote the timings, so they would differ otherwise
+    assert rank_0["latency"] == rank_1["latency"]
