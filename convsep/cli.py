@@ -5,6 +5,10 @@ ours become one line on stderr, never a traceback; warnings become `convsep: war
 One function per subcommand; the helpers below them (reading a checkpoint with a model
 factory, parsing input shapes, printing the report) are shared, so new subcommands and
 flags reuse them.
+
+Under torchrun (`torchrun --nproc_per_node N -m convsep convert|finetune ...`) every process
+runs the same command on its shard of the batches (batch i goes to rank i mod N); rank 0 alone
+prints and writes, once every process has finished without error.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, error_summary
 from .data import load_batches
+from .devices import device_of
 from .finetune import finetune
 from .imports import resolve_callable
 from .ranks import parse_rank_override
@@ -41,32 +47,36 @@ FORMATS = ("table", "markdown", "json", "csv")
 
 
 def _convert(args: argparse.Namespace) -> int:
-    check_destination(args.output, overwrite=args.force, sources=(args.input,))
-    loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
-    shape = _input_shape(args, loaded.checkpoint)
-    x = _example_input(loaded.model, shape) if shape else None
-    previous = plan_of(loaded.model)
-    if x is None and (args.objective == "latency" or (args.budget is not None and args.budget_on == "macs")):
-        needs = "--objective latency" if args.objective == "latency" else "--budget on MACs"
-        raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
-    calibration = None
-    if args.calibrate_with:
-        image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
-        calibration = load_batches(args.calibrate_with, **image_shape)
-    converted = convert(
-        loaded.model,
-        rank=args.rank,
-        init=args.init,
-        include=args.include,
-        exclude=args.exclude,
-        ranks=dict(args.rank_for or []) or None,
-        example_inputs=x,
-        budget=args.budget,
-        budget_on=args.budget_on,
-        objective=args.objective,
-        calibration_data=calibration,
-        calibration_batches=args.calibration_batches,
-    )
+    with distributed.together():  # every process converted (and calibrated) without error before rank 0 writes
+        if distributed.is_main():
+            check_destination(args.output, overwrite=args.force, sources=(args.input,))
+        loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+        if distributed.local_device() is not None:  # torchrun with CUDA: calibrate on this process's GPU
+            loaded.model.to(distributed.local_device())
+        shape = _input_shape(args, loaded.checkpoint)
+        x = _example_input(loaded.model, shape) if shape else None
+        previous = plan_of(loaded.model)
+        if x is None and (args.objective == "latency" or (args.budget is not None and args.budget_on == "macs")):
+            needs = "--objective latency" if args.objective == "latency" else "--budget on MACs"
+            raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
+        calibration = None
+        if args.calibrate_with:
+            image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
+            calibration = distributed.shard(load_batches(args.calibrate_with, **image_shape))
+        converted = convert(
+            loaded.model,
+            rank=args.rank,
+            init=args.init,
+            include=args.include,
+            exclude=args.exclude,
+            ranks=dict(args.rank_for or []) or None,
+            example_inputs=x,
+            budget=args.budget,
+            budget_on=args.budget_on,
+            objective=args.objective,
+            calibration_data=calibration,
+            calibration_batches=args.calibration_batches,
+        )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
     newly_converted = len(plan.converted) - (len(previous.converted) if previous else 0)
@@ -74,7 +84,8 @@ def _convert(args: argparse.Namespace) -> int:
         _warn(f"{args.input} has no convolution convsep can convert; {args.output} holds the same weights")
     elif newly_converted == 0:
         _warn(f"no convolution of {args.input} was converted (reasons below); {args.output} holds the same weights")
-    save(converted, args.output, input_shape=shape)
+    if distributed.is_main():
+        save(converted, args.output, input_shape=shape)
     before = loaded.original if loaded.original is not None else loaded.model
     if x is None:
         _print_summary(before, converted, args.format)
@@ -104,17 +115,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
-    student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
-    teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
-    data = load_batches(args.data)
-    tuned = finetune(
-        student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
-        temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer, device=args.device,
-        trainable=args.trainable, verbose=sys.stderr.isatty(),
-    )  # fmt: skip
+    with distributed.together():  # every process trained without error before rank 0 writes
+        if distributed.is_main():
+            check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
+        student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
+        teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
+        data = distributed.shard(load_batches(args.data))
+        tuned = finetune(
+            student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+            temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer,
+            device=args.device or distributed.local_device(), trainable=args.trainable, verbose=sys.stderr.isatty(),
+        )  # fmt: skip
     # Written only after training finished with finite losses: a failed run leaves no checkpoint.
-    save(tuned, args.output, input_shape=student.checkpoint.input_shape)
+    if distributed.is_main():
+        save(tuned, args.output, input_shape=student.checkpoint.input_shape)
     _note(f"wrote {args.output}")
     return 0
 
@@ -401,7 +415,7 @@ def _example_input(model: nn.Module, shape: InputShape) -> Union[torch.Tensor, t
     """Seeded random inputs of `shape` in the model's dtype (a tuple for several inputs); an error if the model cannot run on them."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     generator = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(s, generator=generator, dtype=dtype) for s in shapes_of(shape))
+    inputs = tuple(torch.randn(s, generator=generator, dtype=dtype).to(device_of(model)) for s in shapes_of(shape))
     x = inputs if several(shape) else inputs[0]
     try:
         with torch.no_grad():
@@ -421,11 +435,15 @@ def _print_report(
     original_weights=False: `before` has the original architecture but not its trained weights, so
     weight errors must come from the conversion plan, not from comparing kernels.
     """
-    print(report(before, after, x, latency=latency, original_weights=original_weights).render(fmt))
+    shown = report(before, after, x, latency=latency, original_weights=original_weights)  # on every process: timing is collective
+    if distributed.is_main():
+        print(shown.render(fmt))
 
 
 def _print_summary(before: nn.Module, after: nn.Module, fmt: str) -> None:
     """What needs no input: the conversion decisions and the parameter counts."""
+    if not distributed.is_main():
+        return
     plan = plan_of(after)
     params_before = sum(p.numel() for p in before.parameters())
     params_after = sum(p.numel() for p in after.parameters())
@@ -446,11 +464,13 @@ def _shape_text(shape: InputShape) -> str:
 
 def _note(text: str) -> None:
     """Status lines go to stderr, so stdout holds only the report (parseable with --format json)."""
-    print(f"convsep: {text}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"convsep: {text}", file=sys.stderr)
 
 
 def _warn(text: str) -> None:
-    print(f"convsep: warning: {text}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"convsep: warning: {text}", file=sys.stderr)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -463,12 +483,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse exits 2 on usage errors and 0 on --help/--version
         return int(exit.code or 0)
+    started = distributed.init_from_environment()  # under torchrun: join its process group
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line each, no source line
         try:
-            return args.run(args)
+            with distributed.together():  # a failure on one process ends every process
+                return args.run(args)
         except ConvsepError as error:
-            print(f"convsep: error: {error}", file=sys.stderr)
+            if distributed.is_main() or not getattr(error, distributed.SHARED, False):  # rank 0 speaks for all
+                print(f"convsep: error: {error}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("convsep: interrupted", file=sys.stderr)
@@ -476,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # `convsep report ... | head`: the reader left; say nothing more
             _silence_stdout()
             return 1
+        finally:
+            if started:
+                distributed.shutdown()
 
 
 def _silence_stdout() -> None:

@@ -162,6 +162,8 @@ def together() -> Iterator[None]:
     try:
         yield
     except Exception as raised:  # anything: the other ranks must hear of it, or they wait forever
+        if getattr(raised, SHARED, False):  # an inner block already told every rank
+            raise
         error = raised
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_device())
     dist.all_reduce(flag)
@@ -235,5 +237,8 @@ def local_device() -> Optional[torch.device]:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a process that tears it down while another still talks aborts."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ SyncBatchNorm yourself on GPUs); their running statistics end as rank 0's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import warnings
@@ -382,7 +383,9 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
+    # Newer torch names the switch forward_sync_buffers (buffers still sync once, at construction).
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, **{no_sync: False})
 
 
 def _cosine(total: int) -> Callable[[int], float]:

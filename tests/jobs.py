@@ -138,3 +138,27 @@ def convert_for_latency(folder: str) -> None:
     converted = convsep.convert(model, rank=1, objective="latency", example_inputs=x)
     timed = convsep.report(model, converted, x, latency=True, latency_runs=2)
     save(folder, {"plan": converted.convsep_plan.to_json(), "latency": timed.totals["latency_after_ms"]})
+
+
+# --- data for the CLI under torchrun (--calibrate-with / --data jobs.py:<name>) -------------------
+
+
+def calibration_batches() -> list[torch.Tensor]:
+    return [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+
+
+def training_batches() -> list:
+    return batches(6)
+
+
+def merged_training_batches() -> list:
+    """What one process trains on to match two: each step's two batches (i, i + 1), concatenated."""
+    data = batches(6)
+    return [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(data[0::2], data[1::2])]
+
+
+def training_batches_bad_at_3() -> list:
+    """Batch 3 goes to rank 1 (3 mod 2), as its second batch: five channels where the model takes three."""
+    data = batches(6)
+    data[3] = (torch.randn(4, 5, 8, 8, dtype=torch.float64), data[3][1])
+    return data

@@ -22,10 +22,9 @@ sys.path[:0] = [{tests!r}, {root!r}]
 rank, world, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + folder + "/store", rank=rank, world_size=world)
 import jobs
-try:
-    jobs.{job}(folder)
-finally:
-    dist.destroy_process_group()
+jobs.{job}(folder)
+dist.barrier()  # leave together: tearing down while the other process still talks aborts
+dist.destroy_process_group()
 """
 
 
@@ -49,8 +48,11 @@ def run_ranks(job: str, folder: Path, world: int = 2, timeout: float = 120) -> l
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(r), str(world), str(folder)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(),
+        )
         for r in range(world)
     ]
     return [_wait(r, p, timeout, processes) for r, p in enumerate(processes)]

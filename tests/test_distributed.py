@@ -4,14 +4,18 @@ Each job runs in tests/jobs.py under multiprocess.run_ranks, with a timeout, so 
 """
 
 import json
+import sys
+from pathlib import Path
 
+import jobs
 import pytest
 import torch
-
-import convsep
 from helpers import relative_error
 from jobs import _student_and_teacher, batches, net
-from multiprocess import run_ranks, succeeded
+from multiprocess import run_command, run_ranks, succeeded
+
+import convsep
+from convsep.cli import main
 
 
 def _results(folder, world=2):
@@ -125,3 +129,53 @@ def test_latency_objective_and_report_use_rank_0s_timings_everywhere(tmp_path):
     rank_0, rank_1 = _results(tmp_path)
     assert rank_0["plan"] == rank_1["plan"]  # reasons quote the timings, so they would differ otherwise
     assert rank_0["latency"] == rank_1["latency"]
+
+
+# --- the CLI under torchrun ----------------------------------------------------------------------
+
+JOBS = str(Path(jobs.__file__))
+
+
+def _torchrun(*argv):
+    return run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "convsep", *map(str, argv)])  # fmt: skip
+
+
+@pytest.fixture
+def original(tmp_path):
+    torch.save(net().state_dict(), tmp_path / "model.pt")
+    return tmp_path / "model.pt"
+
+
+def test_cli_convert_under_torchrun_writes_what_one_process_writes(tmp_path, original):
+    common = ["--model", f"{JOBS}:net", "--calibrate-with", f"{JOBS}:calibration_batches", "--input-shape", "1,3,8,8"]
+    finished = _torchrun("convert", original, "-o", tmp_path / "two.pt", *common)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.count("convsep report:") == 1  # the report, from rank 0 only
+    assert main(["convert", str(original), "-o", str(tmp_path / "one.pt"), *common]) == 0
+    two, one = (convsep.load(tmp_path / name) for name in ("two.pt", "one.pt"))
+    _assert_close(two.state_dict, one.state_dict, 1e-4)
+    assert two.plan.calibration["samples"] == one.plan.calibration["samples"] == sum(map(len, jobs.calibration_batches()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "one.pt", "two.pt"]
+
+
+def test_cli_finetune_under_torchrun_trains_on_both_shards(tmp_path, original):
+    assert main(["convert", str(original), "-o", str(tmp_path / "sep.pt"), "--model", f"{JOBS}:net", "--rank", "2"]) == 0
+    common = ["--teacher", str(original), "--model", f"{JOBS}:net", "--lr", "1e-2"]
+    finished = _torchrun("finetune", tmp_path / "sep.pt", "-o", tmp_path / "two.pt", "--data", f"{JOBS}:training_batches", *common)
+    assert finished.returncode == 0, finished.stderr
+    one = ["finetune", str(tmp_path / "sep.pt"), "-o", str(tmp_path / "one.pt"), "--data", f"{JOBS}:merged_training_batches"]
+    assert main(one + common) == 0
+    two, one = (convsep.load(tmp_path / name) for name in ("two.pt", "one.pt"))
+    _assert_close(two.state_dict, one.state_dict, 1e-6)
+
+
+def test_cli_failure_on_one_process_is_one_error_line_and_no_file(tmp_path, original):
+    assert main(["convert", str(original), "-o", str(tmp_path / "sep.pt"), "--model", f"{JOBS}:net"]) == 0
+    finished = _torchrun("finetune", tmp_path / "sep.pt", "-o", tmp_path / "out.pt", "--teacher", original,
+                         "--model", f"{JOBS}:net", "--data", f"{JOBS}:training_batches_bad_at_3")  # fmt: skip
+    assert finished.returncode != 0
+    assert finished.stderr.count("convsep: error:") == 1, finished.stderr  # rank 0 speaks for both
+    assert "convsep: error: rank 1: batch 2: the model cannot run on inputs (4, 5, 8, 8)" in finished.stderr
+    assert "warning" not in finished.stderr
+    assert not (tmp_path / "out.pt").exists()
