@@ -88,7 +88,8 @@ def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
         return
     tensors = [t for t in tensors if t.numel()]
     with torch.no_grad():
-        for dtype in {t.dtype for t in tensors}:  # one collective per dtype: a flat buffer keeps every bit
+        # One collective per dtype (a flat buffer keeps every bit), in an order every process agrees on.
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.detach().reshape(-1) for t in group]).to(_device())
             dist.broadcast(flat, src)

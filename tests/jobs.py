@@ -110,6 +110,16 @@ def finetune_unequal_shards(folder: str) -> None:
     save(folder, {"state": student.state_dict()})
 
 
+def finetune_with_batch_norm(folder: str) -> None:
+    """Batch norm: each rank normalises with its own batch statistics; all end with rank 0's running ones."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
+    teacher = teacher.double().eval()
+    student = convsep.convert(teacher, rank=2)
+    convsep.finetune(student, shard(batches(4)), teacher=teacher, lr=1e-2, verbose=False)
+    save(folder, {"state": student.state_dict()})
+
+
 def finetune_nan_on_rank_1(folder: str) -> None:
     student, teacher = _student_and_teacher()
     data = shard(batches(6))

@@ -97,6 +97,13 @@ def test_data_parallel_finetuning_equals_one_process_on_the_global_batches(tmp_p
     assert relative_error(states[0]["0.pointwise.weight"], untrained.state_dict()["0.pointwise.weight"]) > 1e-3
 
 
+def test_ranks_end_with_the_same_batch_norm_statistics(tmp_path):
+    succeeded(run_ranks("finetune_with_batch_norm", tmp_path))
+    states = [r["state"] for r in _results(tmp_path)]
+    _assert_bitwise_same(states)
+    assert int(states[0]["1.num_batches_tracked"]) == 2
+
+
 def test_unequal_shards_train_the_steps_of_the_shortest(tmp_path):
     finished = succeeded(run_ranks("finetune_unequal_shards", tmp_path))
     states = [r["state"] for r in _results(tmp_path)]
