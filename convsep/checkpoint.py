@@ -254,17 +254,19 @@ def _sniff(head: bytes, size: int) -> str:
     """"torch", "safetensors" or "unknown", from the first bytes of a file."""
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (the default since torch 1.6)
         return "torch"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy torch.save: a pickle
-        return "torch"
+    # safetensors before pickles: a header of 1408 bytes starts b"\x80\x05", like a protocol-5 pickle.
     if len(head) >= 9:
         header_size = struct.unpack("<Q", head[:8])[0]
         if head[8:9] == b"{" and 8 + header_size <= size:  # safetensors: u64 header length, then JSON
             return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy torch.save: a pickle
+        return "torch"
     return "unknown"
 
 
 def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> Checkpoint:
     shown = str(path)
+    _refuse_compiled_archive(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors name, not content
             content = torch.load(f, map_location=map_location, weights_only=True)
