@@ -25,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import latency as latency_timer
 from .count import conv_macs, conv_params, kernel_elements, positions, separable_macs, separable_params
-from .errors import ConvsepTypeError, ConvsepValueError
+from .errors import ConvsepValueError
 from .factorize import compose, compute_dtype
 from .eager import require_eager
 from .layers import _SeparableConvNd, conv_layers
