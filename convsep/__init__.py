@@ -12,6 +12,7 @@ from .errors import (
     InputShapeError,
     NonFiniteLossError,
     OptionalDependencyError,
+    ReadOnlyAttributeError,
 )
 from .finetune import finetune
 from .layers import SeparableConv1d, SeparableConv2d, SeparableConv3d
@@ -31,6 +32,7 @@ __all__ = [
     "LayerDecision",
     "NonFiniteLossError",
     "OptionalDependencyError",
+    "ReadOnlyAttributeError",
     "Report",
     "SeparableConv1d",
     "SeparableConv2d",

@@ -27,12 +27,13 @@ rounding); shards may differ in length, and some may be empty.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from . import distributed
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError
+from .eager import require_eager
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
@@ -147,7 +149,7 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
     with distributed.together():
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
-            targets = _original_outputs(original, layer.weight, inputs, calls, where)
+            targets = _original_outputs(original, layer.original, inputs, calls, where)
             sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
             if len(targets) != len(sources):
                 raise ConvsepValueError(
@@ -172,8 +174,7 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
 
 def _check_arguments(converted, original, batches, ridge, alternate):
     for name, model in (("converted", converted), ("original", original)):
-        if not isinstance(model, nn.Module):
-            raise ConvsepTypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+        require_eager(model, name)
     if converted is original:
         raise ConvsepValueError("converted and original are the same model: pass the model convert was given as original")
     plan = plan_of(converted)
@@ -237,7 +238,9 @@ def _samples(inputs: Any) -> int:
 class _Layer:
     decision: LayerDecision
     pair: _SeparableConvNd  # in the converted model
-    weight: Tensor  # the original conv's weight, which identifies its calls in the original model
+    # What identifies the layer's calls in the original model: the conv module (whose weight may be
+    # computed anew on every call, by weight norm), or a functional conv's weight parameter.
+    original: Union[nn.Module, Tensor]
 
     @classmethod
     def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> "_Layer":
@@ -251,17 +254,17 @@ class _Layer:
             )
         try:
             if decision.kind.startswith("F."):
-                weight = original.get_parameter(decision.name)
+                site = original.get_parameter(decision.name)
             else:
-                conv = original.get_submodule(decision.name)
-                weight = conv.weight if isinstance(conv, _ConvNd) else None
+                site = original.get_submodule(decision.name)
+                site = site if isinstance(site, _ConvNd) else None
         except AttributeError:
-            weight = None
-        if weight is None:
+            site = None
+        if site is None:
             raise ConvsepValueError(
                 f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
             )
-        return cls(decision, pair, weight)
+        return cls(decision, pair, site)
 
 
 class _StopForward(Exception):
@@ -296,21 +299,28 @@ def _run_order(converted: nn.Module, layers: list[_Layer], inputs: Any) -> list[
     return [(index_of[pair], count) for pair, count in calls.items()]
 
 
-def _original_outputs(original: nn.Module, weight: Tensor, inputs: Any, expected: int, where: str) -> list[Tensor]:
-    """The outputs of the conv calls that use `weight`, stopping the forward once all have been seen."""
+def _original_outputs(original: nn.Module, site: Union[nn.Module, Tensor], inputs: Any, expected: int, where: str) -> list[Tensor]:
+    """The outputs of the conv module `site`, or of the conv calls that use the weight `site`,
+    stopping the forward once all have been seen."""
     outputs: list[Tensor] = []
 
-    def keep(conv: dict[str, Any], output: Tensor) -> None:
-        if conv.get("weight") is weight:
-            outputs.append(output)
-            if len(outputs) == expected:
-                raise _StopForward
+    def keep(output: Tensor) -> None:
+        outputs.append(output)
+        if len(outputs) == expected:
+            raise _StopForward
 
+    if isinstance(site, nn.Module):
+        handle, watch = site.register_forward_hook(lambda _module, _args, output: keep(output)), contextlib.nullcontext()
+    else:
+        handle, watch = None, ConvCalls(lambda conv, output: keep(output) if conv.get("weight") is site else None)
     try:
-        with ConvCalls(keep):
+        with watch:
             _forward(original, inputs, where, "original model")
     except _StopForward:
         pass
+    finally:
+        if handle is not None:
+            handle.remove()
     return outputs
 
 

@@ -21,11 +21,11 @@ failed write leaves nothing behind and never a half-written checkpoint.
 
 from __future__ import annotations
 
-import copy
 import os
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .convert import rebuild
+from .eager import require_eager
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -45,6 +46,7 @@ from .errors import (
 )
 from . import shapes
 from .files import write_atomically
+from .parametrized import deepcopy_model
 from .plan import ConversionPlan, plan_of
 from .shapes import InputShape
 from .version import __version__
@@ -94,9 +96,8 @@ class Checkpoint:
         With a plan, the copy is first rebuilt into the converted architecture the plan
         records. The weights are loaded strictly; `model` itself is not modified.
         """
-        if not isinstance(model, nn.Module):
-            raise ConvsepTypeError(f"model must be a torch.nn.Module that builds the architecture, got {type(model).__name__}")
-        target = rebuild(model, self.plan) if self.plan is not None else copy.deepcopy(model)
+        require_eager(model, "model (the original architecture)")
+        target = rebuild(model, self.plan) if self.plan is not None else deepcopy_model(model)
         load_weights(target, self.state_dict, source=self.path)
         return target
 
@@ -254,17 +255,19 @@ def _sniff(head: bytes, size: int) -> str:
     """"torch", "safetensors" or "unknown", from the first bytes of a file."""
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (the default since torch 1.6)
         return "torch"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy torch.save: a pickle
-        return "torch"
+    # safetensors before pickles: a header of 1408 bytes starts b"\x80\x05", like a protocol-5 pickle.
     if len(head) >= 9:
         header_size = struct.unpack("<Q", head[:8])[0]
         if head[8:9] == b"{" and 8 + header_size <= size:  # safetensors: u64 header length, then JSON
             return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # legacy torch.save: a pickle
+        return "torch"
     return "unknown"
 
 
 def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> Checkpoint:
     shown = str(path)
+    _refuse_compiled_archive(path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors name, not content
             content = torch.load(f, map_location=map_location, weights_only=True)
@@ -282,6 +285,26 @@ def _read_torch(path: Path, trust_pickle: bool, map_location: Any) -> Checkpoint
     except Exception as error:  # torch reports truncation and corruption with many exception types
         raise CheckpointError(f"{shown} is truncated or corrupt ({error_summary(error)})") from None
     return _interpret(content, shown)
+
+
+def _refuse_compiled_archive(path: Path) -> None:
+    """A TorchScript or torch.export archive is a zip like torch.save's, but holds code or a graph, not
+    an nn.Module convsep can rewrite: say so, and how to get a state_dict, before torch.load fails obscurely."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # legacy torch.save pickles are not zips; corrupt zips get torch.load's own verdict
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        what, weights = "a TorchScript archive (torch.jit.save)", "torch.jit.load(path).state_dict()"
+    elif any(n.endswith("/archive_format") or "/models/model.json" in n for n in names):
+        what, weights = "a torch.export archive (torch.export.save)", "torch.export.load(path).state_dict"
+    else:
+        return
+    raise CheckpointError(
+        f"{path} is {what}: convsep needs the eager nn.Module; save its weights from Python "
+        f"(torch.save({weights}, 'weights.pt')) and pass that file with --model naming the architecture"
+    )
 
 
 def _unpickle(path: Path, map_location: Any) -> Any:

@@ -35,6 +35,7 @@ from .finetune import finetune
 from .imports import resolve_callable
 from .ranks import parse_rank_override
 from .models import ZOO
+from .parametrized import PARAMETRIZED
 from .plan import plan_of
 from .report import report
 from .shapes import InputShape, Shape, from_text, several, shapes_of, to_text
@@ -76,6 +77,7 @@ def _convert(args: argparse.Namespace) -> int:
             objective=args.objective,
             calibration_data=calibration,
             calibration_batches=args.calibration_batches,
+            parametrized=args.parametrized,
         )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
@@ -211,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-batches", type=int, metavar="N", help="use at most N batches of --calibrate-with"
     )
     convert_parser.add_argument("--init", choices=("svd", "random"), default="svd", help="initialisation (default: svd)")
+    convert_parser.add_argument(
+        "--parametrized", choices=PARAMETRIZED, default="fold",
+        help="convs whose weight is computed (weight_norm, spectral_norm): 'fold' converts them from the weight "
+        "they compute, without the parametrization; 'keep' leaves them as they are (default: fold)",
+    )  # fmt: skip
     convert_parser.add_argument(
         "--include", action="append", metavar="GLOB", help="convert only layers whose name matches (repeatable)"
     )

@@ -9,7 +9,6 @@ calls a pair instead (see trace.py, which also copes with untraceable models).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -32,14 +31,17 @@ from .count import (
     separable_macs,
     separable_params,
 )
-from .errors import ConvsepTypeError, ConvsepValueError
+from .eager import require_eager
+from .errors import ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank
 from .layers import INITS, SEPARABLE_FOR_DIMS, conv_layers
+from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
 from .probe import example_args, probe
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
 from .report import report
-from .select import STANDARD_CONVS, LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
+from .standin import plain_conv
+from .select import LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .speed import drop_slower_pairs, model_seconds
 from .trace import Discovery, FunctionalConv, discover, parameter, rewrite
 from .version import __version__
@@ -58,13 +60,23 @@ class Candidate:
     decision: LayerDecision
     conv: _ConvNd  # the module itself, or a stand-in sharing a functional conv's parameters
     site: Optional[FunctionalConv] = None  # set for functional convs
+    folded: Optional[_ConvNd] = None  # for a conv whose weight is computed: a plain conv holding its value
     svd: Optional[ChannelSVD] = None
     pair: Optional[nn.Module] = None  # the replacement, once built
 
+    @property
+    def kernel(self) -> _ConvNd:
+        """The conv whose weight and bias the pair is built from."""
+        return self.folded if self.folded is not None else self.conv
+
     def spectrum(self) -> ChannelSVD:
         if self.svd is None:
-            self.svd = channel_svd(self.conv.weight, self.conv.groups)
+            self.svd = channel_svd(self.kernel.weight, self.conv.groups)
         return self.svd
+
+    def build_pair(self, svd: Optional[ChannelSVD] = None) -> nn.Module:
+        """The pair at the decided rank: SVD factors when `svd` is given, else random init."""
+        return SEPARABLE_FOR_DIMS[len(self.conv.kernel_size)]._build(self.kernel, self.decision.rank, svd)
 
 
 def convert(
@@ -83,6 +95,7 @@ def convert(
     budget_on: str = "macs",
     calibration_data: Any = None,
     calibration_batches: Optional[int] = None,
+    parametrized: str = "fold",
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -113,17 +126,24 @@ def convert(
         after conversion, the pairs are refitted to reproduce the original layers' outputs on it
         (see convsep.calibrate).
     calibration_batches: use at most this many batches of calibration_data (default: all).
+    parametrized: "fold" (default) converts convs whose weight is computed (weight_norm,
+        spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
+        the value their forward uses in eval mode; the pair holds plain weights, and the plan
+        records what was folded (`decision.folded`). "keep" leaves such convs as they are.
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
     """
-    if not isinstance(model, nn.Module):
-        raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require_eager(model)
     rank = validate_rank(rank)
     budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
     if init not in INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
+    if parametrized not in PARAMETRIZED:
+        raise ConvsepValueError(
+            f"parametrized={parametrized!r} is not known: use one of {', '.join(map(repr, PARAMETRIZED))}"
+        )
     selection = LayerFilter(include, exclude)
     if example_inputs is not None:
         example_args(example_inputs)  # a bad value fails now, not after the work
@@ -143,11 +163,11 @@ def convert(
     wants_report = verbose and example_inputs is not None
     # Calibration, the report and the latency pass compare against the original, which inplace changes.
     needs_original = wants_report or objective == "latency" or calibration_data is not None
-    original = copy.deepcopy(model) if inplace and needs_original else model
-    work = model if inplace else copy.deepcopy(model)
+    original = deepcopy_model(model) if inplace and needs_original else model
+    work = model if inplace else deepcopy_model(model)
 
     found = discover(work)
-    decisions, candidates = _consider_all(work, found, selection)
+    decisions, candidates = _consider_all(work, found, selection, parametrized=parametrized)
     selection.warn_unmatched()
     budget_record = None
     if budget is None:
@@ -171,6 +191,7 @@ def convert(
         layers=(previous.converted if previous else []) + decisions,
         version=__version__,
         budget=budget_record,
+        parametrized=parametrized,
     )
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
@@ -185,9 +206,11 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     """A copy of `model` with the architecture `plan` records: the same layers replaced at the same ranks.
 
     The pairs are freshly initialised (no SVD, since their weights are about to be loaded from a
-    checkpoint); `model` itself is untouched.
+    checkpoint); `model` itself is untouched. Layers whose weight is computed (weight norm) are
+    folded, as convert folded them, whatever the plan's `parametrized` setting: the plan names
+    only layers that were converted.
     """
-    work = copy.deepcopy(model)
+    work = deepcopy_model(require_eager(model))
     wanted = {d.name: d for d in plan.converted}
     found = discover(work) if any(d.kind.startswith("F.") for d in wanted.values()) else Discovery()
     _, candidates = _consider_all(work, found, LayerFilter(include=list(wanted) or None), explicit_all=True)
@@ -208,7 +231,7 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
     return work
 
 
-def _consider_all(work, found, selection, explicit_all=False):
+def _consider_all(work, found, selection, explicit_all=False, parametrized="fold"):
     """A decision for every conv in the model, and the candidates among them that qualify."""
     decisions, candidates = [], []
     functional_weights = (parameter(work.get_submodule(site.owner), site.weight_target) for site in found.functional)
@@ -220,7 +243,9 @@ def _consider_all(work, found, selection, explicit_all=False):
     for name, module in conv_layers(work):
         if not is_candidate(module):
             continue
-        decision, candidate = _consider_module(name, module, selection, weights_used_functionally, explicit_all)
+        decision, candidate = _consider_module(
+            name, module, selection, weights_used_functionally, explicit_all, parametrized
+        )
         decisions.append(decision)
         candidates += [candidate] if candidate else []
     return decisions, candidates
@@ -269,7 +294,7 @@ def _measure_positions(work: nn.Module, example_inputs: Any, candidates: list[Ca
     found = {}
     for candidate in candidates:
         key = id(candidate.conv) if candidate.site is None else id(candidate.conv.weight)
-        dims = candidate.conv.weight.dim() - 2
+        dims = len(candidate.conv.kernel_size)
         found[id(candidate)] = sum(positions(call.output_shape, dims) for call in measured.calls.get(key, []))
     return measured.flops // 2, found
 
@@ -354,13 +379,18 @@ def _undecided(name: str, kind: str, conv: _ConvNd) -> LayerDecision:
     )
 
 
-def _consider_module(name, module, selection, weights_used_functionally, explicit_all=False):
+def _consider_module(name, module, selection, weights_used_functionally, explicit_all=False, parametrized="fold"):
     explicit_reason, explicit = selection.why_not(name, module)
     decision = _undecided(name, type(module).__name__, module)
-    reason = explicit_reason or layer_why_not(module, explicit or explicit_all)
-    if reason is None and id(module.weight) in weights_used_functionally:
+    reason = explicit_reason or layer_why_not(module, explicit or explicit_all, parametrized)
+    computed_by = parametrization(module)  # then its weight is computed anew on each read: no functional conv uses it
+    if reason is None and not computed_by and id(module.weight) in weights_used_functionally:
         reason = "its weight is also used by a functional conv elsewhere"
-    return _qualify(decision, module, reason)
+    decision, candidate = _qualify(decision, module, reason)
+    if candidate and computed_by:
+        candidate.folded = folded_conv(module)
+        decision.folded = computed_by
+    return decision, candidate
 
 
 def _consider_functional(root, site: FunctionalConv, selection):
@@ -379,7 +409,7 @@ def _consider_functional(root, site: FunctionalConv, selection):
         else:
             why = "bias is computed in forward, not a parameter"
         return LayerDecision(name=name, kind=kind, converted=False, reason=why, module=name), None
-    conv = _stand_in(site.dims, weight, bias, constants)
+    conv = _stand_in(weight, bias, constants)
     decision = _undecided(name, kind, conv)
     decision.module = _qualified(site.owner, site.weight_target + "_separable")
     reason, _ = selection.why_not(name, conv)
@@ -396,22 +426,15 @@ def _qualify(decision: LayerDecision, conv: _ConvNd, reason: Optional[str]):
     if reason:
         decision.reason = reason
         return decision, None
-    decision.full_rank = full_rank(conv.weight.shape, conv.groups)
+    weight_shape = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)  # not conv.weight: it may be computed
+    decision.full_rank = full_rank(weight_shape, conv.groups)
     return decision, Candidate(decision, conv)
 
 
-def _stand_in(dims: int, weight: nn.Parameter, bias: Optional[nn.Parameter], constants: dict) -> _ConvNd:
+def _stand_in(weight: nn.Parameter, bias: Optional[nn.Parameter], constants: dict) -> _ConvNd:
     """A conv module that computes what the functional call computes, sharing its parameters."""
-    groups = constants.get("groups", 1)
-    conv = STANDARD_CONVS[dims - 1](
-        weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-        stride=constants.get("stride", 1), padding=constants.get("padding", 0),
-        dilation=constants.get("dilation", 1), groups=groups, bias=bias is not None, device="meta",
-    )  # fmt: skip
-    conv.weight = weight
-    if bias is not None:
-        conv.bias = bias
-    return conv
+    settings = ("stride", "padding", "dilation", "groups")
+    return plain_conv(weight, bias, **{k: constants[k] for k in settings if k in constants})
 
 
 def _qualified(prefix: str, name: str) -> str:
@@ -424,8 +447,7 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn
     by_owner: dict[str, dict] = {}
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
-        svd = candidate.spectrum() if use_svd else None
-        pair = candidate.pair = SEPARABLE_FOR_DIMS[conv.weight.dim() - 2]._build(conv, candidate.decision.rank, svd)
+        pair = candidate.pair = candidate.build_pair(candidate.spectrum() if use_svd else None)
         if site is None:
             swaps[id(conv)] = pair
         else:
@@ -466,10 +488,8 @@ def _latency_decision(decision: LayerDecision) -> tuple:
 
 
 def _measured_faster(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:
-    def timing_pair(candidate: Candidate) -> nn.Module:  # same shapes and cost; its weights do not matter
-        return SEPARABLE_FOR_DIMS[candidate.conv.weight.dim() - 2]._build(candidate.conv, candidate.decision.rank)
-
-    gains = drop_slower_pairs(chosen, work, args, timing_pair, LATENCY_RUNS, LATENCY_MARGIN)
+    # The timing pairs have the shapes and cost of the real ones; their weights do not matter.
+    gains = drop_slower_pairs(chosen, work, args, Candidate.build_pair, LATENCY_RUNS, LATENCY_MARGIN)
     chosen = [c for c in chosen if c.decision.converted]
     work = _apply(work, chosen, found, use_svd=init == "svd")
     least_gain_first = sorted(chosen, key=lambda c: gains[id(c)])

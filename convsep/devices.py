@@ -6,7 +6,6 @@ elsewhere, a copy is moved instead.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConvsepValueError, error_summary
+from .parametrized import deepcopy_model
 
 
 def parse_device(device: Any) -> torch.device:
@@ -42,7 +42,7 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """The model itself if all of it is on `device`, else a moved copy (the caller's model never moves)."""
     if all(t.device == device for t in itertools.chain(model.parameters(), model.buffers())):
         return model
-    return copy.deepcopy(model).to(device)
+    return deepcopy_model(model).to(device)
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:

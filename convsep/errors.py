@@ -17,6 +17,10 @@ class ConvsepTypeError(ConvsepError, TypeError):
     """A value is of the wrong type (a model that is not an nn.Module, ...)."""
 
 
+class ReadOnlyAttributeError(ConvsepError, AttributeError):
+    """An attribute that cannot be set: a pair's conv attributes (stride, weight, ...) are read-only."""
+
+
 class CheckpointError(ConvsepError, ValueError):
     """A file exists but is not a checkpoint convsep can use."""
 

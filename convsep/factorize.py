@@ -115,9 +115,7 @@ def compose(depthwise: Tensor, pointwise: Tensor, groups: int, rank: int) -> Ten
     (SVD, calibration or training). `rank` is the depth multiplier: the shapes alone
     cannot tell M from r, since both weights only know their product M*r.
     """
-    n = pointwise.shape[0]
-    kernel = depthwise.shape[2:]
-    m_g = depthwise.shape[0] // (rank * groups)
-    d = depthwise.reshape(groups, m_g, rank, math.prod(kernel))
-    p = pointwise.reshape(groups, n // groups, m_g, rank)
-    return torch.einsum("gnmr,gmrk->gnmk", p, d).reshape(n, m_g, *kernel)
+    # No Python ints from tensor shapes, so that fx can trace it (a converted model's forward may read pair.weight).
+    d = depthwise.squeeze(1).unflatten(0, (groups, -1, rank))  # (g, M/g, r, *k)
+    p = pointwise.flatten(1).unflatten(0, (groups, -1)).unflatten(-1, (-1, rank))  # (g, N/g, M/g, r)
+    return torch.einsum("gnmr,gmr...->gnm...", p, d).flatten(0, 1)

@@ -4,19 +4,43 @@ The depthwise half carries the original stride, padding, dilation and padding mo
 with a depth multiplier of `rank`; the pointwise half mixes channels within the
 original groups and carries the original bias. `from_conv` builds the pair from a
 trained convolution (see factorize.py for the maths).
+
+Model code reads conv attributes at run time (`self.conv1.stride[0]`,
+`self.proj.weight.dtype`, `self.conv._conv_forward(x, w, b)`), so the pair answers
+each of them as the conv it replaced would, read-only: a write would change nothing
+the pair computes, so it raises instead of being silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .factorize import channel_svd, factors_from_svd, full_rank
+from .errors import ReadOnlyAttributeError
+from .parametrized import folded_conv, parametrization
+from .factorize import channel_svd, compose, factors_from_svd, full_rank
 
 INITS = ("svd", "random")
+
+# The conv attributes the pair answers, and where each one's value lives (for the error on a write).
+CONV_ATTRIBUTES = {
+    "in_channels": "depthwise.in_channels",
+    "out_channels": "pointwise.out_channels",
+    "kernel_size": "depthwise.kernel_size",
+    "stride": "depthwise.stride",
+    "padding": "depthwise.padding",
+    "dilation": "depthwise.dilation",
+    "padding_mode": "depthwise.padding_mode",
+    "_reversed_padding_repeated_twice": "depthwise._reversed_padding_repeated_twice",
+    "groups": "pointwise.groups",
+    "transposed": "the pair's structure (a pair is never transposed)",
+    "output_padding": "the pair's structure (only transposed convs pad their output)",
+    "weight": "depthwise.weight and pointwise.weight (composed on every read)",
+    "bias": "pointwise.bias",
+}
 
 
 class _SeparableConvNd(nn.Module):
@@ -46,7 +70,6 @@ class _SeparableConvNd(nn.Module):
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         self.rank = rank
-        self.groups = groups
         hidden = in_channels * rank
         self.depthwise = self.conv_type(
             in_channels, hidden, kernel_size, stride, padding, dilation,
@@ -56,6 +79,8 @@ class _SeparableConvNd(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(self.depthwise(x))
+
+    # --- what the conv it replaced would answer --------------------------------------------
 
     @property
     def in_channels(self) -> int:
@@ -69,6 +94,76 @@ class _SeparableConvNd(nn.Module):
     def kernel_size(self) -> tuple[int, ...]:
         return self.depthwise.kernel_size
 
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.depthwise.stride
+
+    @property
+    def padding(self):
+        return self.depthwise.padding  # a tuple, or the string 'same' / 'valid', as given to the conv
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.depthwise.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.depthwise.padding_mode
+
+    @property
+    def _reversed_padding_repeated_twice(self) -> list[int]:  # what nn.ConvNd._conv_forward pads with
+        return self.depthwise._reversed_padding_repeated_twice
+
+    @property
+    def groups(self) -> int:
+        return self.pointwise.groups  # the original conv's groups: the pointwise half keeps them
+
+    @property
+    def transposed(self) -> bool:
+        return False
+
+    @property
+    def output_padding(self) -> tuple[int, ...]:
+        return (0,) * self.dims
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:
+        """The original conv's bias, trained along with the pair: the pointwise half's bias Parameter itself."""
+        return self.pointwise.bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense (N, M/groups, *k) kernel the pair computes with, composed from its two halves.
+
+        Read-only and not a Parameter: it is recomputed on every read (one einsum of the
+        factors, O(N * M/groups * rank * K) multiply-adds, as much as one output position of
+        the conv) and carries gradients to both halves, so `.dtype`, `.device` and `.shape`
+        are right and `self._conv_forward(x, self.weight, self.bias)` computes the pair's function.
+        """
+        return compose(self.depthwise.weight, self.pointwise.weight, self.groups, self.rank)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """What nn.ConvNd._conv_forward does with these settings: a dense conv of `input` with `weight`.
+
+        With `self.weight` and `self.bias` it computes what the pair computes (as one dense
+        conv, so at the original conv's cost); models that pass a weight of their own (weight
+        standardisation, LoRA) get the conv they asked for.
+        """
+        return self.conv_type._conv_forward(self, input, weight, bias)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in CONV_ATTRIBUTES:
+            raise ReadOnlyAttributeError(
+                f"{type(self).__name__}.{name} is read-only: the pair answers it as the conv it replaced would, "
+                f"from {CONV_ATTRIBUTES[name]}"
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in CONV_ATTRIBUTES:
+            raise ReadOnlyAttributeError(f"{type(self).__name__}.{name} is read-only and cannot be deleted")
+        super().__delattr__(name)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, groups={self.groups}"
 
@@ -79,12 +174,16 @@ class _SeparableConvNd(nn.Module):
         rank: the depth multiplier, capped at the layer's full rank min(out/groups, prod(kernel));
         "full" for that cap, where the pair computes exactly what `conv` computes.
         init: "svd" (closed form from conv's kernel) or "random" (PyTorch's default init).
+        A conv whose weight is computed (weight_norm, spectral_norm, ...) is folded: the pair
+        holds the value it computes in eval mode, without the parametrization.
         The new modules keep conv's dtype, device, requires_grad and train/eval mode.
         """
         if not isinstance(conv, cls.conv_type):
             raise TypeError(f"{cls.__name__}.from_conv expects an nn.{cls.conv_type.__name__}, got {type(conv).__name__}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if parametrization(conv):  # weight norm, spectral norm: build from the weight it computes, read without side effects
+            conv = folded_conv(conv)
         weight = conv.weight
         cap = full_rank(weight.shape, conv.groups)
         if rank == "full":

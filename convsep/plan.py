@@ -32,6 +32,7 @@ class LayerDecision:
     kernel_size: tuple[int, ...] = ()
     groups: int = 1
     bias: bool = False
+    folded: str = ""  # what computed the weight (weight_norm, spectral_norm, ...), folded into the pair, not carried over
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ConversionPlan:
     version: str = ""
     budget: Optional[dict[str, Any]] = None  # convert(budget=...): the share asked for and reached, the objective
     calibration: Optional[dict[str, Any]] = None  # calibrate(): data used, settings, per-layer output errors
+    parametrized: str = "fold"  # convert(parametrized=...): fold computed weights into pairs, or keep such convs
 
     @property
     def converted(self) -> list[LayerDecision]:
@@ -79,6 +81,9 @@ class ConversionPlan:
         if self.budget:
             what = "MACs" if self.budget["on"] == "macs" else "params"
             lines.append(f"  budget {self.budget['fraction']:g} of {what}: the model keeps {self.budget['reached']:.1%}")
+        folded = [f"{layer.name} ({layer.folded})" for layer in self.converted if layer.folded]
+        if folded:
+            lines.append(f"  folded into their pairs, not carried over: {', '.join(folded)}")
         for layer in self.skipped:
             lines.append(f"  kept {layer.name}: {layer.reason}")
         for name, why in self.untraceable.items():

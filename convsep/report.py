@@ -25,9 +25,11 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from . import latency as latency_timer
 from .count import conv_macs, conv_params, kernel_elements, positions, separable_macs, separable_params
-from .errors import ConvsepTypeError, ConvsepValueError
+from .errors import ConvsepValueError
 from .factorize import compose, compute_dtype
+from .eager import require_eager
 from .layers import _SeparableConvNd, conv_layers
+from .parametrized import effective
 from .plan import ConversionPlan, plan_of
 from .probe import Call, Probe, describe_inputs, example_args, functional_weights, probe
 
@@ -98,7 +100,8 @@ class _Site:
             dtype = compute_dtype(m.depthwise.weight.dtype)
             depthwise, pointwise = m.depthwise.weight.detach().to(dtype), m.pointwise.weight.detach().to(dtype)
             return compose(depthwise, pointwise, m.groups, m.rank)
-        weight = self.module.weight if self.module is not None else self.weight
+        # effective: a weight-normed conv's weight as its forward uses it, read without moving spectral norm's state
+        weight = effective(self.module, "weight") if self.module is not None else self.weight
         return weight.detach().to(compute_dtype(weight.dtype))
 
 
@@ -207,8 +210,7 @@ def report(
     Raises InputShapeError, naming the layer where it failed, when the inputs do not fit a model.
     """
     for label, model in (("before", before), ("after", after)):
-        if not isinstance(model, nn.Module):
-            raise ConvsepTypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
+        require_eager(model, label)
     args = example_args(example_inputs)
     if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 1:
         raise ConvsepValueError(f"latency_runs must be a positive int, got {latency_runs!r}")

@@ -3,7 +3,9 @@
 Selection by the user (include / exclude: glob patterns on qualified names, or a
 callable `(name, module) -> bool`) and by the layer itself: 1x1 and depthwise convs
 gain nothing, and a subclass that overrides `forward` computes something a plain
-pair would not reproduce, so it is only converted when the user names it.
+pair would not reproduce, so it is only converted when the user names it. A conv whose
+weight is computed (weight norm, spectral norm) converts from its effective weight unless
+the user asks to keep it (see parametrized.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from typing import Callable, Iterable, Optional, Union
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.utils import parametrize
 
 from .errors import ConvsepTypeError
+from .parametrized import parametrization
+from .standin import STANDARD_CONVS
 
 Patterns = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-STANDARD_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _as_matcher(patterns: Patterns, keyword: str):
@@ -96,16 +98,21 @@ def is_candidate(module: nn.Module) -> bool:
     return isinstance(module, _ConvNd)
 
 
-def layer_why_not(module: nn.Module, explicit: bool) -> Optional[str]:
-    """Why this convolution cannot (or should not) become a depthwise + pointwise pair; None if it can."""
+def layer_why_not(module: nn.Module, explicit: bool, parametrized: str = "fold") -> Optional[str]:
+    """Why this convolution cannot (or should not) become a depthwise + pointwise pair; None if it can.
+
+    parametrized: "fold" converts convs whose weight is computed (weight norm, ...) from its
+    effective value; "keep" leaves them as they are.
+    """
     if isinstance(module, _ConvTransposeNd):
         return "transposed convolution (not supported)"
     if not isinstance(module, STANDARD_CONVS):
         return f"{type(module).__name__} is not a standard convolution"
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy convolution not yet initialised: run one forward pass first"
-    if parametrize.is_parametrized(module):
-        return "weight is parametrized (weight_norm, spectral_norm, ...): remove the parametrization first"
+    computed_by = parametrization(module)
+    if computed_by and parametrized == "keep":
+        return f"weight is computed by {computed_by}: kept as it is by parametrized='keep'"
     custom = _overrides_forward(module)
     if custom and not explicit:
         return f"{custom} overrides forward, so a plain pair may compute something else; name it in include to convert"

@@ -352,3 +352,20 @@ def test_save_rejects_what_is_not_a_model(tmp_path):
     torch.save(small_net().state_dict(), tmp_path / "net.pt")
     with pytest.raises(TypeError, match="OrderedDict"):
         convsep.load(tmp_path / "net.pt", model=small_net().state_dict())
+
+
+def test_safetensors_header_that_starts_like_a_pickle_is_read_as_safetensors(tmp_path):
+    # A 1408-byte header is b"\x80\x05..." little-endian: the opening bytes of a protocol-5 pickle.
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from convsep.checkpoint import _sniff
+
+    path = tmp_path / "w.safetensors"
+    for padding in range(1200, 1500):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"pad": "x" * padding})
+        if path.read_bytes()[:2] == b"\x80\x05":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x05"
+    assert _sniff(path.read_bytes()[:16], path.stat().st_size) == "safetensors"
+    assert torch.equal(convsep.load(path).state_dict["w"], torch.ones(2))

@@ -41,3 +41,18 @@ def test_onnx_export(tmp_path):
     path = tmp_path / "model.onnx"
     torch.onnx.export(converted, (torch.randn(1, 1, 28, 28),), str(path), dynamo=True)
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+@pytest.mark.parametrize("name", ["reads_conv_attributes", "patch_embedding"])
+def test_compile_export_and_fx_take_a_converted_model_that_reads_conv_attributes(name):
+    from audio_zoo import HUB_ARCHITECTURES
+
+    factory, shape = HUB_ARCHITECTURES[name]
+    model, converted = _converted(factory)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(torch.compile(converted)(x), expected) < 1e-4
+        assert relative_error(torch.export.export(converted, (x,)).module()(x), expected) < 1e-4
+        if name == "patch_embedding":  # the other's forward branches on input shapes, which fx cannot trace
+            assert relative_error(torch.fx.symbolic_trace(converted)(x), expected) < 1e-4

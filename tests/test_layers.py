@@ -1,15 +1,20 @@
+import copy
+import io
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrizations
 
+import convsep
 from convsep import SeparableConv1d, SeparableConv2d, SeparableConv3d
 from convsep.count import separable_params
 from convsep.factorize import full_rank
-from helpers import relative_error
+from helpers import assert_bitwise_equal, relative_error, snapshot
 
 SEPARABLE = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -46,6 +51,33 @@ def conv_configs(draw):
     return conv, (2, in_channels) + (size,) * dims, seed
 
 
+@st.composite
+def normed_conv_configs(draw):
+    """The zoo's convs, random weights set, then weight-normed or spectral-normed as audio models do."""
+    conv, shape, seed = draw(conv_configs())
+    conv, _ = _fit_input(conv, shape, seed, torch.float64)
+    norm = draw(st.sampled_from(sorted(NORMS)))
+    dim = draw(st.integers(0, conv.weight.dim() - 1))  # weight_norm's axis: wav2vec2 uses the kernel axis
+    return NORMS[norm](conv, dim).train(draw(st.booleans())), shape, seed, norm
+
+
+def _quiet(wrap):
+    def wrapped(conv, dim):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old hooks are deprecated, and still in checkpoints
+            return wrap(conv, dim)
+
+    return wrapped
+
+
+NORMS = {
+    "weight_norm": _quiet(lambda conv, dim: parametrizations.weight_norm(conv, dim=dim)),
+    "old weight_norm": _quiet(lambda conv, dim: nn.utils.weight_norm(conv, dim=dim)),
+    "spectral_norm": _quiet(lambda conv, dim: parametrizations.spectral_norm(conv)),
+    "old spectral_norm": _quiet(lambda conv, dim: nn.utils.spectral_norm(conv)),
+}
+
+
 def _fit_input(conv, shape, seed, dtype):
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -66,6 +98,21 @@ def test_full_rank_pair_computes_the_original_conv(config, dtype):
     assert actual.shape == expected.shape
     assume(expected.norm() > 0)
     assert relative_error(actual, expected) < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(normed_conv_configs())
+def test_full_rank_pair_of_a_normed_conv_computes_its_eval_output_and_leaves_it_alone(config):
+    conv, shape, seed, norm = config
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64)
+    before = snapshot(conv)
+    pair = SEPARABLE[len(shape) - 2].from_conv(conv, rank="full")
+    assert_bitwise_equal(before, conv)  # spectral norm's u, v did not move, even in train mode
+    with torch.no_grad():
+        expected = conv.eval()(x)
+        assume(expected.norm() > 0)
+        assert relative_error(pair(x), expected) < 1e-10, norm
 
 
 @settings(max_examples=80, deadline=None)
@@ -131,3 +178,74 @@ def test_wrong_conv_type_and_bad_arguments_are_refused():
         SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), init="xavier")
     with pytest.raises(ValueError, match="rank"):
         SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), rank=0)
+
+
+# The attributes and methods of nn.ConvNd that model code reads at run time.
+CONV_READS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+              "transposed", "output_padding", "_reversed_padding_repeated_twice")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 5, stride=3, padding=2, groups=2),
+        nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, padding_mode="reflect"),
+        nn.Conv2d(3, 8, 3, padding="same", bias=False),
+        nn.Conv3d(2, 4, 3, padding=1, padding_mode="circular"),
+    ],
+    ids=["1d-strided-grouped", "2d-reflect", "2d-same-no-bias", "3d-circular"],
+)
+def test_pair_answers_every_conv_attribute_as_the_conv_it_replaced(conv):
+    pair = SEPARABLE[conv.weight.dim() - 2].from_conv(conv, rank="full")
+    for name in CONV_READS:
+        assert getattr(pair, name) == getattr(conv, name), name
+    assert (pair.weight.shape, pair.weight.dtype, pair.weight.device) == (conv.weight.shape, conv.weight.dtype, conv.weight.device)
+    assert (pair.bias is None) == (conv.bias is None)
+    if conv.bias is not None:
+        assert pair.bias is pair.pointwise.bias and torch.equal(pair.bias, conv.bias)
+
+
+def test_pair_weight_is_the_composed_kernel_and_trains_both_halves():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, groups=2).double()
+    pair = SeparableConv2d.from_conv(conv, rank="full")
+    assert relative_error(pair.weight, conv.weight) < 1e-12
+    assert not isinstance(pair.weight, nn.Parameter) and "weight" not in dict(pair.named_parameters())
+    pair.weight.sum().backward()
+    assert pair.depthwise.weight.grad is not None and pair.pointwise.weight.grad is not None
+
+
+def test_pair_conv_forward_with_its_own_weight_computes_the_pair_and_with_another_the_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="replicate").double()
+    pair = SeparableConv1d.from_conv(conv, rank=1)
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(pair._conv_forward(x, pair.weight, pair.bias), pair(x)) < 1e-12
+        other = torch.randn_like(conv.weight)
+        torch.testing.assert_close(pair._conv_forward(x, other, None), conv._conv_forward(x, other, None))
+
+
+@pytest.mark.parametrize("name", [*CONV_READS, "weight", "bias"])
+def test_writing_a_conv_attribute_on_the_pair_raises_a_clear_error(name):
+    pair = SeparableConv2d.from_conv(nn.Conv2d(4, 6, 3))
+    value = nn.Parameter(torch.zeros(6)) if name in ("weight", "bias") else getattr(pair, name)
+    with pytest.raises(AttributeError, match=rf"SeparableConv2d.{name} is read-only") as info:
+        setattr(pair, name, value)
+    assert isinstance(info.value, convsep.ReadOnlyAttributeError) and isinstance(info.value, convsep.ConvsepError)
+    with pytest.raises(convsep.ReadOnlyAttributeError):
+        delattr(pair, name)
+
+
+def test_pair_keeps_working_as_a_module_after_copies_moves_and_loads():
+    torch.manual_seed(0)
+    pair = SeparableConv1d.from_conv(nn.Conv1d(4, 6, 3, stride=2), rank=2)
+    pair.rank = 2  # its own attributes stay writable
+    pair.eval()
+    buffer = io.BytesIO()
+    torch.save(pair, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(pair), torch.load(buffer, weights_only=False), copy.deepcopy(pair).double().float()):
+        other.load_state_dict(pair.state_dict())
+        assert other.stride == (2,) and other.groups == 1 and not other.training
+    assert list(pair.state_dict()) == ["depthwise.weight", "pointwise.weight", "pointwise.bias"]
