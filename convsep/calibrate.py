@@ -149,15 +149,17 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
     with distributed.together():
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
-            targets = _original_outputs(original, layer.original, inputs, calls, where)
+            seen = _original_calls(original, layer.original, inputs, calls, where)
             sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
-            if len(targets) != len(sources):
+            if len(seen) != len(sources):
                 raise ConvsepValueError(
                     f"{where}: the layer ran {len(sources)} times in the converted model and "
-                    f"{len(targets)} times in the original: is `original` the model convert was given?"
+                    f"{len(seen)} times in the original: is `original` the model convert was given?"
                 )
-            for x, y in zip(sources, targets):
+            for x, (x_original, y) in zip(sources, seen):
                 stats.add(x, y, layer.decision.name)
+                # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
+                stats.initial_error += float((layer.pair(x_original) - y).double().square().sum())
             if progress is not None:
                 progress.update()
     stats.sum_over_processes()
@@ -165,11 +167,15 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
         before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
     # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
     distributed.broadcast_module(layer.pair)
+    initial = math.sqrt(stats.initial_error / stats.target_energy) if stats.target_energy > 0 else float("nan")
+    predicted = layer.decision.predicted_output_error
     message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
+    if predicted is not None:
+        message += f" (as converted, on the original's inputs: predicted {predicted:.4f}, measured {initial:.4f})"
     log.info("%s", message)
     if verbose:
         (progress.write if progress is not None else print)(message)
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "initial": initial}
 
 
 def _check_arguments(converted, original, batches, ridge, alternate):
@@ -299,20 +305,22 @@ def _run_order(converted: nn.Module, layers: list[_Layer], inputs: Any) -> list[
     return [(index_of[pair], count) for pair, count in calls.items()]
 
 
-def _original_outputs(original: nn.Module, site: Union[nn.Module, Tensor], inputs: Any, expected: int, where: str) -> list[Tensor]:
-    """The outputs of the conv module `site`, or of the conv calls that use the weight `site`,
-    stopping the forward once all have been seen."""
-    outputs: list[Tensor] = []
+def _original_calls(
+    original: nn.Module, site: Union[nn.Module, Tensor], inputs: Any, expected: int, where: str
+) -> list[tuple[Tensor, Tensor]]:
+    """(input, output) of each call of the conv module `site`, or of the conv calls that use the weight
+    `site`, stopping the forward once all have been seen."""
+    outputs: list[tuple[Tensor, Tensor]] = []
 
-    def keep(output: Tensor) -> None:
-        outputs.append(output)
+    def keep(x: Tensor, output: Tensor) -> None:
+        outputs.append((x, output))
         if len(outputs) == expected:
             raise _StopForward
 
     if isinstance(site, nn.Module):
-        handle, watch = site.register_forward_hook(lambda _module, _args, output: keep(output)), contextlib.nullcontext()
+        handle, watch = site.register_forward_hook(lambda _module, args, output: keep(args[0], output)), contextlib.nullcontext()
     else:
-        handle, watch = None, ConvCalls(lambda conv, output: keep(output) if conv.get("weight") is site else None)
+        handle, watch = None, ConvCalls(lambda conv, output: keep(conv["input"], output) if conv.get("weight") is site else None)
     try:
         with watch:
             _forward(original, inputs, where, "original model")
@@ -367,6 +375,7 @@ class _LayerStats:
         self.target_sum = zeros(self.groups, outputs)
         self.count = 0  # output positions seen (samples x positions)
         self.target_energy = 0.0  # sum of Y^2
+        self.initial_error = 0.0  # sum of (pair(X_original) - Y)^2 before the refit
 
     def _features(self, x: Tensor) -> Tensor:
         depthwise = self.pair.depthwise
@@ -407,9 +416,9 @@ class _LayerStats:
         """Add up the sums of every process of a distributed job (nothing to do in one process)."""
         if not distributed.active():
             return
-        scalars = torch.tensor([self.count, self.target_energy], dtype=torch.float64, device=self.gram.device)
+        scalars = torch.tensor([self.count, self.target_energy, self.initial_error], dtype=torch.float64, device=self.gram.device)
         distributed.all_sum([self.gram, self.cross, self.feature_sum, self.target_sum, scalars])
-        self.count, self.target_energy = int(scalars[0]), float(scalars[1])
+        self.count, self.target_energy, self.initial_error = int(scalars[0]), float(scalars[1]), float(scalars[2])
 
 
 def _by_group(x: Tensor, groups: int) -> Tensor:

@@ -78,6 +78,7 @@ def _convert(args: argparse.Namespace) -> int:
             calibration_data=calibration,
             calibration_batches=args.calibration_batches,
             parametrized=args.parametrized,
+            allocate_by=args.allocate_by,
         )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
@@ -212,7 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--calibration-batches", type=int, metavar="N", help="use at most N batches of --calibrate-with"
     )
-    convert_parser.add_argument("--init", choices=("svd", "random"), default="svd", help="initialisation (default: svd)")
+    convert_parser.add_argument(
+        "--init", choices=("auto", "svd", "activation", "random"), default="auto",
+        help="factorisation: 'svd' (least weight error), 'activation' (least output error on --calibrate-with data), "
+        "'auto' (activation with --calibrate-with, else svd; the default), or 'random'",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--allocate-by", choices=("auto", "weights", "activations"), default="auto",
+        help="what --budget minimises: weight error, or output error predicted from --calibrate-with data "
+        "('auto', the default: activations when calibrating)",
+    )  # fmt: skip
     convert_parser.add_argument(
         "--parametrized", choices=PARAMETRIZED, default="fold",
         help="convs whose weight is computed (weight_norm, spectral_norm): 'fold' converts them from the weight "
@@ -520,5 +530,20 @@ def _silence_stdout() -> None:
         pass
 
 
+def console() -> None:
+    """The `convsep` command and `python -m convsep`: main(), then exit with its code.
+
+    A process that torchrun started leaves without running C++ static destructors: with the
+    process group already torn down, gloo's leftover threads can otherwise abort the
+    interpreter's exit now and then (seen under load), failing a run that succeeded.
+    """
+    code = main()
+    if distributed.launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -9,6 +9,7 @@ calls a pair instead (see trace.py, which also copes with untraceable models).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ from .count import (
 )
 from .eager import require_eager
 from .errors import ConvsepValueError
-from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank
-from .layers import INITS, SEPARABLE_FOR_DIMS, conv_layers
+from .activations import input_moments
+from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error, whitened_channel_svd
+from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
 from .probe import example_args, probe
@@ -49,6 +51,9 @@ from .version import __version__
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("macs", "latency")
+CONVERT_INITS = ("auto", "svd", "activation", "random")
+ALLOCATE_BY = ("auto", "weights", "activations")
+ACTIVATION_RIDGE = 1e-3  # relative to the layer's mean input energy per patch element: keeps Sigma_c invertible
 LATENCY_RUNS = 7  # timed passes per comparison (median), after warm-up
 LATENCY_MARGIN = 0.05  # a pair must be this much faster than its conv to be worth the change
 
@@ -62,6 +67,7 @@ class Candidate:
     site: Optional[FunctionalConv] = None  # set for functional convs
     folded: Optional[_ConvNd] = None  # for a conv whose weight is computed: a plain conv holding its value
     svd: Optional[ChannelSVD] = None
+    whitened: Optional[ChannelSVD] = None  # the activation-aware factorisation, when the data allowed one
     pair: Optional[nn.Module] = None  # the replacement, once built
 
     @property
@@ -74,6 +80,17 @@ class Candidate:
             self.svd = channel_svd(self.kernel.weight, self.conv.groups)
         return self.svd
 
+    def factors(self, init: str) -> Optional[ChannelSVD]:
+        """What the pair's weights come from: the whitened SVD for init='activation' (weight SVD where the data
+        allowed none), the weight SVD for 'svd', nothing (random) otherwise."""
+        if init == "activation" and self.whitened is not None:
+            return self.whitened
+        return self.spectrum() if init in ("svd", "activation") else None
+
+    def allocation_spectrum(self, by: str) -> torch.Tensor:
+        """The singular values whose discarded energy is the error the budget trades: weights' or outputs'."""
+        return self.whitened.S if by == "activations" and self.whitened is not None else self.spectrum().S
+
     def build_pair(self, svd: Optional[ChannelSVD] = None) -> nn.Module:
         """The pair at the decided rank: SVD factors when `svd` is given, else random init."""
         return SEPARABLE_FOR_DIMS[len(self.conv.kernel_size)]._build(self.kernel, self.decision.rank, svd)
@@ -83,7 +100,7 @@ def convert(
     model: nn.Module,
     rank: RankSpec = 1,
     *,
-    init: str = "svd",
+    init: str = "auto",
     include: Patterns = None,
     exclude: Patterns = None,
     inplace: bool = False,
@@ -96,6 +113,8 @@ def convert(
     calibration_data: Any = None,
     calibration_batches: Optional[int] = None,
     parametrized: str = "fold",
+    allocate_by: str = "auto",
+    refit: bool = True,
 ) -> nn.Module:
     """Replace the standard convolutions of `model` with depthwise + pointwise pairs.
 
@@ -103,7 +122,11 @@ def convert(
         "full" (exact), or a float in (0, 1) (the smallest rank keeping that share of each
         kernel's spectral energy). A rank other than "full" that would not save MACs leaves
         the layer as it is.
-    init: "svd" (closed form from the kernels) or "random" (PyTorch's default init).
+    init: "svd" (closed form from the kernels: the per-channel truncated SVD, least weight error),
+        "activation" (needs calibration_data: per channel, the truncation that least changes the
+        layer's output on the inputs it sees, from one pass of the original model over the data;
+        see factorize.py), "auto" (the default: "activation" with calibration_data, else "svd"), or
+        "random" (PyTorch's default init).
     include, exclude: glob patterns on qualified names (one or a list), or a callable
         (name, module) -> bool; exclude wins. A pattern that matches nothing warns.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
@@ -130,6 +153,12 @@ def convert(
         spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
         records what was folded (`decision.folded`). "keep" leaves such convs as they are.
+    allocate_by: what the error `budget` minimises is measured on: "weights" (the share of each
+        kernel's energy a rank drops), "activations" (needs calibration_data: the predicted share of
+        each layer's output energy it drops), or "auto" (the default: "activations" with
+        calibration_data, else "weights").
+    refit: with calibration_data, refit the pairs on it after conversion (convsep.calibrate);
+        False uses the data only for the activation-aware factorisation and allocation.
 
     Always use the returned model: when the root calls a functional conv it becomes a GraphModule.
     The decisions, with the reason for every layer kept as it was, are in `result.convsep_plan`.
@@ -138,8 +167,7 @@ def convert(
     rank = validate_rank(rank)
     budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
-    if init not in INITS:
-        raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, INITS))}")
+    init, allocate_by = _data_aware_choices(init, allocate_by, calibration_data)
     if parametrized not in PARAMETRIZED:
         raise ConvsepValueError(
             f"parametrized={parametrized!r} is not known: use one of {', '.join(map(repr, PARAMETRIZED))}"
@@ -169,18 +197,22 @@ def convert(
     found = discover(work)
     decisions, candidates = _consider_all(work, found, selection, parametrized=parametrized)
     selection.warn_unmatched()
+    statistics = None
+    if candidates and (init == "activation" or allocate_by == "activations"):
+        calibration_data = _rereadable(calibration_data, calibration_batches)
+        statistics = _whiten(work, candidates, calibration_data, calibration_batches)
     budget_record = None
     if budget is None:
         for candidate in candidates:
             _assign_rank(candidate, overrides.get(candidate.decision.name, rank), init)
     else:
-        budget_record = _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs)
+        budget_record = _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs, allocate_by)
     overrides.warn_unmatched()
     chosen = [c for c in candidates if c.decision.converted]
     if objective == "latency":
         work = _faster_only(original, work, chosen, example_args(example_inputs), found, init)
     else:
-        work = _apply(work, chosen, found, use_svd=init == "svd")
+        work = _apply(work, chosen, found, init)
 
     previous = plan_of(model)
     plan = ConversionPlan(
@@ -192,10 +224,11 @@ def convert(
         version=__version__,
         budget=budget_record,
         parametrized=parametrized,
+        activations=statistics,
     )
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
-    if calibration_data is not None:
+    if calibration_data is not None and refit:
         work = calibrate(work, original, calibration_data, batches=calibration_batches, verbose=verbose)
     if verbose:
         print(report(original, work, example_inputs) if wants_report else plan.summary())
@@ -226,7 +259,7 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         candidate = by_name[name]
         candidate.decision = recorded
         chosen.append(candidate)
-    work = _apply(work, chosen, found, use_svd=False)
+    work = _apply(work, chosen, found, init="random")
     setattr(work, PLAN_ATTRIBUTE, plan)
     return work
 
@@ -254,7 +287,7 @@ def _consider_all(work, found, selection, explicit_all=False, parametrized="fold
 def _assign_rank(candidate: Candidate, spec: RankSpec, init: str) -> None:
     """Settle one candidate's rank, or record why converting it would not pay."""
     decision, conv = candidate.decision, candidate.conv
-    needs_spectrum = init == "svd" or isinstance(spec, float)
+    needs_spectrum = init != "random" or isinstance(spec, float)  # an energy share is the kernel's energy
     S = candidate.spectrum().S if needs_spectrum else None
     r = resolve_rank(spec, S if S is not None else torch.empty(0, decision.full_rank))
     k = kernel_elements(conv.kernel_size)
@@ -265,15 +298,20 @@ def _assign_rank(candidate: Candidate, spec: RankSpec, init: str) -> None:
             "use rank='full' to convert anyway"
         )
         return
-    _convert_at(candidate, r, S if init == "svd" else None)
+    _convert_at(candidate, r, init)
 
 
-def _convert_at(candidate: Candidate, rank: int, S: Optional[torch.Tensor]) -> None:
+def _convert_at(candidate: Candidate, rank: int, init: str) -> None:
     decision = candidate.decision
     decision.converted = True
     decision.rank = rank
-    if S is not None:
-        decision.relative_error = discarded_energy_fraction(S, rank) ** 0.5
+    factors = candidate.factors(init)
+    if factors is candidate.whitened and factors is not None:  # not the weights' best: measure its weight error
+        decision.relative_error = truncation_error(candidate.kernel.weight, candidate.conv.groups, factors, rank)
+    elif factors is not None:
+        decision.relative_error = discarded_energy_fraction(factors.S, rank) ** 0.5
+    if candidate.whitened is not None:  # the share of the layer's output energy this rank is predicted to lose
+        decision.predicted_output_error = discarded_energy_fraction(candidate.whitened.S, rank) ** 0.5
 
 
 def _layer_costs(candidate: Candidate, budget_on: str, output_positions: dict[int, int]) -> tuple[int, int]:
@@ -299,7 +337,7 @@ def _measure_positions(work: nn.Module, example_inputs: Any, candidates: list[Ca
     return measured.flops // 2, found
 
 
-def _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs) -> dict:
+def _assign_budget(work, candidates, overrides, init, budget, budget_on, example_inputs, allocate_by) -> dict:
     """Ranks (or keep) for every candidate so that the whole model costs at most `budget` of what it costs now.
 
     Everything that is not a free candidate (other layers, convs left out by selection, layers
@@ -320,7 +358,7 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
             continue
         others -= keep_cost
         free.append(candidate)
-        options.append(options_from_spectrum(candidate.spectrum().S, keep_cost, per_rank))
+        options.append(options_from_spectrum(candidate.allocation_spectrum(allocate_by), keep_cost, per_rank))
     what = "MACs" if budget_on == "macs" else "params"
     available = budget * total - others
     if total == 0 or cheapest_cost(options) > available:
@@ -334,7 +372,7 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
     allocation = allocate(options, available)
     for candidate, layer, choice in zip(free, options, allocation.choices):
         if choice is not None:
-            _convert_at(candidate, choice, candidate.spectrum().S if init == "svd" else None)
+            _convert_at(candidate, choice, init)
         elif not layer.rank_costs:
             conv = candidate.conv
             k = kernel_elements(conv.kernel_size)
@@ -352,8 +390,10 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
         "on": budget_on,
         "original": total,
         "reached": (others + allocation.cost) / total,
-        "objective": "sum over layers of squared relative weight error",
-        "error": sum(discarded_energy_fraction(c.spectrum().S, c.decision.rank) for c in converted),
+        "objective": "sum over layers of squared relative "
+        + ("output error (predicted from the inputs)" if allocate_by == "activations" else "weight error"),
+        "allocated_by": allocate_by,
+        "error": sum(discarded_energy_fraction(c.allocation_spectrum(allocate_by), c.decision.rank) for c in converted),
     }
 
 
@@ -441,13 +481,13 @@ def _qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _apply(root: nn.Module, chosen: list[Candidate], found, use_svd: bool) -> nn.Module:
+def _apply(root: nn.Module, chosen: list[Candidate], found, init: str) -> nn.Module:
     """Build every pair, rewrite graphs for functional convs, then swap module convs in the tree."""
     swaps: dict[int, nn.Module] = {}
     by_owner: dict[str, dict] = {}
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
-        pair = candidate.pair = candidate.build_pair(candidate.spectrum() if use_svd else None)
+        pair = candidate.pair = candidate.build_pair(candidate.factors(init))
         if site is None:
             swaps[id(conv)] = pair
         else:
@@ -479,7 +519,7 @@ def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], 
     if not distributed.is_main():
         for candidate, decision in zip(chosen, decided):
             candidate.decision.converted, candidate.decision.reason, candidate.decision.relative_error = decision
-        work = _apply(work, [c for c in chosen if c.decision.converted], found, use_svd=init == "svd")
+        work = _apply(work, [c for c in chosen if c.decision.converted], found, init)
     return work
 
 
@@ -491,7 +531,7 @@ def _measured_faster(original: nn.Module, work: nn.Module, chosen: list[Candidat
     # The timing pairs have the shapes and cost of the real ones; their weights do not matter.
     gains = drop_slower_pairs(chosen, work, args, Candidate.build_pair, LATENCY_RUNS, LATENCY_MARGIN)
     chosen = [c for c in chosen if c.decision.converted]
-    work = _apply(work, chosen, found, use_svd=init == "svd")
+    work = _apply(work, chosen, found, init)
     least_gain_first = sorted(chosen, key=lambda c: gains[id(c)])
     while least_gain_first:
         before, after = model_seconds(original, work, args, LATENCY_RUNS)
@@ -519,3 +559,56 @@ def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:
             if child is not None and id(child) in swaps:
                 parent._modules[child_name] = swaps[id(child)]
     return root
+
+
+def _data_aware_choices(init: str, allocate_by: str, data: Any) -> tuple[str, str]:
+    """init and allocate_by with "auto" resolved: activation-aware when there is calibration data."""
+    if init not in CONVERT_INITS:
+        raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, CONVERT_INITS))}")
+    if allocate_by not in ALLOCATE_BY:
+        raise ConvsepValueError(f"allocate_by={allocate_by!r} is not known: use one of {', '.join(map(repr, ALLOCATE_BY))}")
+    for name, value, needs in (("init", init, "activation"), ("allocate_by", allocate_by, "activations")):
+        if value == needs and data is None:
+            raise ConvsepValueError(f"{name}={value!r} needs calibration_data: the inputs the layers see")
+    if init == "auto":
+        init = "activation" if data is not None else "svd"
+    if allocate_by == "auto":
+        allocate_by = "activations" if data is not None else "weights"
+    return init, allocate_by
+
+
+def _rereadable(data: Any, batches: Optional[int]) -> Any:
+    """Data that can be read twice (the statistics pass, then calibration): a one-shot iterator is kept in a list."""
+    try:
+        iterator = iter(data)
+    except TypeError:
+        return data  # calibrate says what is wrong with it
+    return list(itertools.islice(iterator, batches)) if iterator is data else data
+
+
+def _whiten(work: nn.Module, candidates: list[Candidate], data: Any, batches: Optional[int]) -> dict:
+    """Each module conv's input moments from one pass of the (not yet converted) model, and its whitened SVD.
+
+    Layers the data cannot speak for keep the weight SVD, with the reason in their decision.
+    """
+    convs = {c.decision.name: c.conv for c in candidates if c.site is None}
+    moments = input_moments(work, convs, data, batches)
+    for candidate in candidates:
+        decision = candidate.decision
+        if candidate.site is not None:
+            decision.whitening = "weight SVD: activation statistics are gathered for module convs only"
+            continue
+        covariance = moments[decision.name].covariance()
+        if covariance is None:
+            decision.whitening = "weight SVD: the calibration data never reached this layer"
+        elif not bool(torch.isfinite(covariance).all()):
+            decision.whitening = "weight SVD: its inputs on the calibration data are not finite"
+        elif float(covariance.diagonal(dim1=1, dim2=2).sum()) == 0:
+            decision.whitening = "weight SVD: its inputs on the calibration data are all zero"
+        else:
+            candidate.whitened = whitened_channel_svd(
+                candidate.kernel.weight, candidate.conv.groups, covariance, ACTIVATION_RIDGE
+            )
+            decision.whitening = "activation"
+    positions = max((m.count for m in moments.values()), default=0)
+    return {"ridge": ACTIVATION_RIDGE, "positions_seen": positions}

@@ -214,13 +214,18 @@ class _Shard:
                 yield batch
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting WORLD_SIZE) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_environment() -> bool:
     """Under torchrun (WORLD_SIZE > 1 in the environment), join the process group it describes.
 
     NCCL with this process's LOCAL_RANK GPU when CUDA is available, gloo on CPUs. Returns whether
     this call started a group (the caller then ends it with `shutdown()`).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+    if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -6,6 +6,14 @@ of its group. The truncated SVD of that matrix, A_c = U S V^T, gives the depthwi
 filters sqrt(s_j) v_j and the pointwise weights sqrt(s_j) u_j for j < rank, which is
 exact at rank min(N/g, K) and optimal (Eckart-Young) below it. All channels of a
 layer go through one batched SVD.
+
+With data, the error that matters is the output's, not the weights': channel c adds
+A_c x_c to the output, x_c its K-vector input patch. Dropping the cross-channel terms,
+a rank-r B_c adds E||(A_c - B_c) x_c||^2 = ||(A_c - B_c) L_c||_F^2 with
+Sigma_c = E[x_c x_c^T] = L_c L_c^T, which the truncated SVD of A_c L_c minimises; mapping
+its right factors back with L_c^{-1} gives the pair (SVD-LLM / ASVD, per channel). Still
+exact at full rank; the discarded whitened energy over the total is the predicted relative
+output error squared. Weight-only SVD is the case Sigma_c = I.
 """
 
 from __future__ import annotations
@@ -60,7 +68,43 @@ def channel_svd(weight: Tensor, groups: int) -> ChannelSVD:
     accurate down to ~1e-8 of the largest, and U S Vh reproduces A to float64 rounding
     because V is orthonormal: U S = A V.
     """
+    U, S, Vh = _batched_svd(channel_matrices(weight.detach(), groups).to(torch.float64))
+    dtype = compute_dtype(weight.dtype)
+    return ChannelSVD(U.to(dtype), S.to(dtype), Vh.to(dtype))
+
+
+def whitened_channel_svd(weight: Tensor, groups: int, covariance: Tensor, ridge: float = 1e-3) -> ChannelSVD:
+    """The factors minimising each channel's expected output error on inputs of second moment `covariance`.
+
+    covariance: (M, K, K), E[x_c x_c^T] of every input channel's patches. `ridge` times the mean
+    diagonal over the layer is added to every channel's, so channels the data never excites stay
+    well-posed (they then follow the weight SVD, at an error that hardly counts). S holds the
+    whitened singular values (their discarded share of energy is the predicted relative output
+    error squared); Vh maps back to kernel space, so it is not orthonormal.
+    """
     A = channel_matrices(weight.detach(), groups).to(torch.float64)
+    sigma = covariance.to(device=A.device, dtype=torch.float64)
+    k = sigma.shape[-1]
+    scale = sigma.diagonal(dim1=1, dim2=2).mean()
+    eye = torch.eye(k, dtype=torch.float64, device=A.device)
+    L = torch.linalg.cholesky(sigma + ridge * scale * eye)
+    U, S, Vh_white = _batched_svd(A @ L)
+    Vh = torch.linalg.solve_triangular(L, Vh_white, upper=False, left=False)  # Vh_white L^{-1}
+    dtype = compute_dtype(weight.dtype)
+    return ChannelSVD(U.to(dtype), S.to(dtype), Vh.to(dtype))
+
+
+def truncation_error(weight: Tensor, groups: int, svd: ChannelSVD, rank: int) -> float:
+    """||W - W_r||_F / ||W||_F for the rank-`rank` truncation of `svd` (any factorisation, whitened too)."""
+    A = channel_matrices(weight.detach(), groups).to(torch.float64)
+    r = min(rank, svd.S.shape[1])
+    approx = (svd.U[:, :, :r].double() * svd.S[:, None, :r].double()) @ svd.Vh[:, :r].double()
+    total = A.norm()
+    return float((A - approx).norm() / total) if total > 0 else 0.0
+
+
+def _batched_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, Vh) of a batch of small matrices (float64), from the Gram matrix of the smaller side."""
     rows, cols = A.shape[1:]
     tall = rows >= cols
     gram = A.mT @ A if tall else A @ A.mT
@@ -69,11 +113,8 @@ def channel_svd(weight: Tensor, groups: int) -> ChannelSVD:
     vectors = vectors.flip(-1)
     inverse_S = torch.where(S > 0, 1 / S, torch.zeros_like(S))
     if tall:
-        U, Vh = (A @ vectors) * inverse_S.unsqueeze(1), vectors.mT
-    else:
-        U, Vh = vectors, (vectors.mT @ A) * inverse_S.unsqueeze(-1)
-    dtype = compute_dtype(weight.dtype)
-    return ChannelSVD(U.to(dtype), S.to(dtype), Vh.to(dtype))
+        return (A @ vectors) * inverse_S.unsqueeze(1), S, vectors.mT
+    return vectors, S, (vectors.mT @ A) * inverse_S.unsqueeze(-1)
 
 
 def discarded_energy_fraction(S: Tensor, rank: int) -> float:

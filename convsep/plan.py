@@ -27,6 +27,8 @@ class LayerDecision:
     rank: Optional[int] = None
     full_rank: Optional[int] = None
     relative_error: Optional[float] = None  # ||W - W_r||_F / ||W||_F at conversion time
+    predicted_output_error: Optional[float] = None  # from the input statistics: share of the output energy lost
+    whitening: str = ""  # "activation", or why this layer kept the weight SVD (convert with calibration data)
     in_channels: int = 0
     out_channels: int = 0
     kernel_size: tuple[int, ...] = ()
@@ -46,6 +48,7 @@ class ConversionPlan:
     budget: Optional[dict[str, Any]] = None  # convert(budget=...): the share asked for and reached, the objective
     calibration: Optional[dict[str, Any]] = None  # calibrate(): data used, settings, per-layer output errors
     parametrized: str = "fold"  # convert(parametrized=...): fold computed weights into pairs, or keep such convs
+    activations: Optional[dict[str, Any]] = None  # the input statistics pass: ridge, positions seen
 
     @property
     def converted(self) -> list[LayerDecision]:

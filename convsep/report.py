@@ -116,6 +116,8 @@ class _Layer:
     rank: Optional[int] = None
     full_rank: Optional[int] = None
     plan_error: Optional[float] = None
+    predicted_output_error: Optional[float] = None  # from the input statistics at conversion
+    measured_output_error: Optional[float] = None  # calibration's measure of the same, when calibrated
     module: str = ""  # where the layer lives in the converted model
     groups: int = 1
     bias: bool = False
@@ -138,6 +140,8 @@ def _find(model: nn.Module, name: str, functional: bool) -> Optional[_Site]:
 
 def _layers_from_plan(plan: ConversionPlan, before: nn.Module, after: nn.Module) -> list[_Layer]:
     layers = []
+    calibrated = (plan.calibration or {}).get("layers", {})
+    measured = {name: errors["initial"] for name, errors in calibrated.items() if "initial" in errors}
     for d in plan.layers:
         functional = d.kind.startswith("F.")
         # `before` is normally the model the plan was made from; if it is itself converted, look where the pair is.
@@ -147,6 +151,7 @@ def _layers_from_plan(plan: ConversionPlan, before: nn.Module, after: nn.Module)
             _Layer(
                 name=d.name, kind=d.kind, converted=d.converted, before=before_site, after=after_site,
                 reason=d.reason, rank=d.rank, full_rank=d.full_rank, plan_error=d.relative_error,
+                predicted_output_error=d.predicted_output_error, measured_output_error=measured.get(d.name),
                 module=d.module, groups=d.groups, bias=d.bias,
             )  # fmt: skip
         )
@@ -282,6 +287,8 @@ def _row(layer: _Layer, probes: list[Probe], timings, original_weights: bool) ->
         "flops_after": None if macs_after is None else 2 * macs_after,
     }
     row["weight_error"], row["weight_error_source"] = _weight_error(layer, original_weights)
+    row["predicted_output_error"] = layer.predicted_output_error
+    row["measured_output_error"] = layer.measured_output_error
     if timings is not None:
         for side, (s, _) in enumerate(sides):
             seconds = timings[side].layers.get(s.key) if s is not None and s.module is not None else None
@@ -415,6 +422,9 @@ class Report:
     def _layer_table(self, wrap: bool) -> tuple[list[str], list[list[str]]]:
         headers = ["layer", "kind", "shape in -> out", "kernel", "groups", "rank", "params before", "params after",
                    "MACs before", "MACs after", "weight error"]  # fmt: skip
+        predicted = any(r["predicted_output_error"] is not None for r in self.rows)
+        if predicted:
+            headers += ["output error predicted", "measured"]
         if self.has_latency:
             headers += ["ms before", "ms after"]
         table = []
@@ -432,6 +442,8 @@ class Report:
                 _si(r["params_before"]), _si(r["params_after"]), _si(r["macs_before"]), _si(r["macs_after"]),
                 _number(r["weight_error"]),
             ]  # fmt: skip
+            if predicted:
+                line += [_number(r["predicted_output_error"]), _number(r["measured_output_error"])]
             if self.has_latency:
                 line += [_number(r["latency_before_ms"], ".3f"), _number(r["latency_after_ms"], ".3f")]
             table.append(line)

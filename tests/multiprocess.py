@@ -17,7 +17,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 _BOOT = """
-import sys, torch.distributed as dist
+import os, sys, torch.distributed as dist
 sys.path[:0] = [{tests!r}, {root!r}]
 rank, world, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo", init_method="file://" + folder + "/store", rank=rank, world_size=world)
@@ -25,6 +25,8 @@ import jobs
 jobs.{job}(folder)
 dist.barrier()  # leave together: tearing down while the other process still talks aborts
 dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skip C++ static destructors: gloo's leftover threads can abort the exit under load (cli.console)
 """
 
 

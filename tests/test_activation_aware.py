@@ -1,0 +1,231 @@
+"""Activation-aware factorisation and allocation: the truncation that least changes each layer's output."""
+
+import pytest
+import torch
+from torch import nn
+
+import convsep
+from convsep.activations import input_moments, patches
+from convsep.factorize import (
+    channel_matrices,
+    channel_svd,
+    compose,
+    discarded_energy_fraction,
+    factors_from_svd,
+    full_rank,
+    whitened_channel_svd,
+)
+from helpers import relative_error
+
+
+def _correlated_inputs(channels: int, positions: int = 4000, seed: int = 0) -> torch.Tensor:
+    """(M, K=9, positions) patches whose energy sits in a few directions, unlike the identity the weight SVD assumes."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(channels, 9, 9, generator=generator, dtype=torch.float64)
+    mixing[:, :, 3:] *= 0.05
+    return mixing @ torch.randn(channels, 9, positions, generator=generator, dtype=torch.float64)
+
+
+def _output_error(weight, groups, svd, rank, covariance) -> float:
+    """sum_c tr((A_c - B_c) Sigma_c (A_c - B_c)^T): the expected output error energy without cross-channel terms."""
+    A = channel_matrices(weight, groups)
+    r = min(rank, svd.S.shape[1])
+    error = A - (svd.U[:, :, :r] * svd.S[:, None, :r]) @ svd.Vh[:, :r]
+    return float(torch.einsum("cnk,ckl,cnl->", error, covariance, error))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_whitened_factorisation_is_exact_at_full_rank(groups):
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4 // groups, 3, 3, dtype=torch.float64)
+    x = _correlated_inputs(4)
+    svd = whitened_channel_svd(weight, groups, x @ x.mT / x.shape[-1])
+    r = full_rank(weight.shape, groups)
+    factors = factors_from_svd(svd, r, weight.shape, groups, weight.dtype)
+    assert relative_error(compose(factors.depthwise, factors.pointwise, groups, r), weight) < 1e-10
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_whitened_truncation_loses_less_output_energy_than_the_weight_svd(rank):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 6, 3, 3, dtype=torch.float64)
+    x = _correlated_inputs(6)
+    covariance = x @ x.mT / x.shape[-1]
+    whitened = whitened_channel_svd(weight, 1, covariance, ridge=0.0)
+    plain = channel_svd(weight, 1)
+    assert _output_error(weight, 1, whitened, rank, covariance) < 0.9 * _output_error(weight, 1, plain, rank, covariance)
+
+
+def test_discarded_whitened_energy_is_the_output_error_it_predicts():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 6, 3, 3, dtype=torch.float64)
+    x = _correlated_inputs(6)
+    covariance = x @ x.mT / x.shape[-1]
+    svd = whitened_channel_svd(weight, 1, covariance, ridge=0.0)
+    A = channel_matrices(weight, 1)
+    total = float(torch.einsum("cnk,ckl,cnl->", A, covariance, A))
+    for rank in (1, 3):
+        predicted = discarded_energy_fraction(svd.S, rank)
+        assert predicted == pytest.approx(_output_error(weight, 1, svd, rank, covariance) / total, rel=1e-9)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 4, 3, stride=2, padding=1),
+    nn.Conv2d(3, 4, 3, dilation=2, padding=2, padding_mode="reflect"),
+    nn.Conv1d(3, 4, 5, stride=3, padding=2, padding_mode="circular"),
+    nn.Conv3d(3, 4, 3, padding=1),
+])  # fmt: skip
+def test_patches_are_what_the_conv_multiplies(conv):
+    """Each output of the conv is the weight times the patches, summed over channels: the moments describe those inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *([9] * (conv.weight.dim() - 2)))
+    p = patches(x, conv)  # (batch, M*K, *positions)
+    k = conv.weight[0].numel() // 3
+    by_channel = p.reshape(2, 3, k, -1)
+    expected = torch.einsum("nck,bckp->bnp", conv.weight.reshape(4, 3, k), by_channel) + conv.bias.reshape(1, 4, 1)
+    torch.testing.assert_close(expected.reshape(conv(x).shape), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_input_moments_are_averaged_over_batches_and_positions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    data = [torch.randn(4, 2, 6, 6), torch.randn(2, 2, 6, 6)]
+    moments = input_moments(model, {"0": model[0]}, data, batches=None)["0"]
+    p = torch.cat([patches(x, model[0]).reshape(len(x), 2, 9, -1).permute(1, 2, 0, 3).reshape(2, 9, -1) for x in data], -1)
+    assert moments.count == 6 * 16
+    torch.testing.assert_close(moments.covariance(), (p.double() @ p.double().mT / p.shape[-1]), rtol=1e-6, atol=1e-6)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).eval()  # fmt: skip
+
+
+def _images(count=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(count, 3, 1, 1, generator=generator)  # smooth images: neighbouring pixels correlate
+    return [base + 0.1 * torch.randn(count, 3, 12, 12, generator=generator) for _ in range(3)]
+
+
+def test_with_data_convert_factorises_and_allocates_by_activations_and_says_so():
+    model, data = _net(), _images()
+    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data)
+    plan = converted.convsep_plan
+    assert plan.init == "activation" and plan.budget["allocated_by"] == "activations"
+    assert all(d.whitening == "activation" and 0 <= d.predicted_output_error < 1 for d in plan.converted)
+    plain = convsep.convert(model, budget=0.4, example_inputs=data[0][:1])
+    assert plain.convsep_plan.init == "svd" and plain.convsep_plan.budget["allocated_by"] == "weights"
+    assert all(d.predicted_output_error is None for d in plain.convsep_plan.converted)
+
+
+def test_activation_init_lowers_each_layers_error_on_the_inputs_it_sees():
+    model, data = _net(), _images()
+    errors = {}
+    for init in ("svd", "activation"):
+        converted = convsep.convert(model, rank=1, calibration_data=data, init=init)
+        errors[init] = {name: e["initial"] for name, e in converted.convsep_plan.calibration["layers"].items()}
+    assert all(errors["activation"][name] < errors["svd"][name] for name in errors["svd"])
+
+
+def test_predicted_output_error_matches_the_measured_one_without_cross_channel_terms():
+    """One input channel: no cross-channel terms, so the prediction is the layer's measured error (up to the ridge)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1)).eval()
+    data = [torch.randn(4, 1, 10, 10).cumsum(-1) for _ in range(2)]
+    converted = convsep.convert(model, rank=2, calibration_data=data)
+    decision = converted.convsep_plan.converted[0]
+    measured = converted.convsep_plan.calibration["layers"]["0"]["initial"]
+    assert decision.predicted_output_error == pytest.approx(measured, rel=0.02)
+
+
+def test_full_rank_with_activation_init_is_still_exact():
+    model, data = _net().double(), [x.double() for x in _images()]
+    converted = convsep.convert(model, rank="full", calibration_data=data, refit=False)
+    assert converted.convsep_plan.init == "activation"
+    with torch.no_grad():
+        assert relative_error(converted(data[0]), model(data[0])) < 1e-8
+
+
+def test_refit_false_uses_the_data_only_for_the_factorisation():
+    model, data = _net(), _images()
+    converted = convsep.convert(model, rank=1, calibration_data=data, refit=False)
+    assert converted.convsep_plan.calibration is None and converted.convsep_plan.init == "activation"
+
+
+def test_a_layer_whose_inputs_are_all_zero_keeps_the_weight_svd_and_says_why():
+    class Silent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x * 0)
+
+    torch.manual_seed(0)
+    model = Silent().eval()
+    converted = convsep.convert(model, rank=1, calibration_data=_images(), refit=False)
+    decisions = {d.name: d for d in converted.convsep_plan.layers}
+    assert decisions["b"].whitening == "weight SVD: its inputs on the calibration data are all zero"
+    assert decisions["a"].whitening == "activation"
+    weight_svd = convsep.convert(model, rank=1, init="svd")
+    torch.testing.assert_close(converted.b.depthwise.weight, weight_svd.b.depthwise.weight)
+    assert all(torch.isfinite(p).all() for p in converted.parameters())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"init": "activation"}, "init='activation' needs calibration_data"),
+    ({"allocate_by": "activations"}, "allocate_by='activations' needs calibration_data"),
+    ({"allocate_by": "outputs"}, "allocate_by='outputs' is not known"),
+    ({"init": "whitened"}, "init='whitened' is not known"),
+])  # fmt: skip
+def test_activation_options_refuse_what_cannot_work(kwargs, match):
+    with pytest.raises(convsep.ConvsepValueError, match=match):
+        convsep.convert(_net(), **kwargs)
+
+
+def test_report_shows_predicted_and_measured_output_errors():
+    model, data = _net(), _images()
+    converted = convsep.convert(model, rank=1, calibration_data=data)
+    report = convsep.report(model, converted, data[0][:1])
+    plan = converted.convsep_plan
+    predicted = {d.name: d.predicted_output_error for d in plan.layers}
+    for row in report.rows:
+        assert row["predicted_output_error"] == predicted[row["name"]] is not None
+        assert row["measured_output_error"] == plan.calibration["layers"][row["name"]]["initial"]
+    assert "output error predicted" in str(report)
+
+
+class _TwoBranches(nn.Module):
+    """Branch `a` sees constant inputs and has a flat weight spectrum; branch `b` sees white noise and has a
+    decaying one. By weight error `a` needs the ranks; by output error `b` does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(4, 16, 3, padding=1)
+        with torch.no_grad():
+            decay = torch.tensor([1.0, 0.5, 0.25, 0.12, 0.06, 0.03, 0.02, 0.01, 0.01])
+            u, _, vh = torch.linalg.svd(self.b.weight.permute(1, 0, 2, 3).reshape(4, 16, 9), full_matrices=False)
+            self.b.weight.copy_(((u * decay) @ vh).reshape(4, 16, 3, 3).permute(1, 0, 2, 3))
+
+    def forward(self, x):
+        flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x)  # every patch of a channel alike: one direction
+        return self.a(flat) + self.b(x)
+
+
+def test_allocating_by_activations_spends_the_ranks_where_the_output_error_is():
+    model = _TwoBranches().eval()
+    generator = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 4, 16, 16, generator=generator) for _ in range(2)]
+    plans = {
+        by: convsep.convert(model, budget=0.5, example_inputs=data[0][:1], calibration_data=data, allocate_by=by, refit=False).convsep_plan
+        for by in ("weights", "activations")
+    }
+    ranks = {by: {d.name: d.rank if d.converted else "keep" for d in plan.layers} for by, plan in plans.items()}
+    predicted = {by: sum(d.predicted_output_error**2 for d in plan.converted) for by, plan in plans.items()}
+    assert ranks["weights"]["a"] == "keep" or ranks["weights"]["a"] > ranks["weights"]["b"]
+    assert ranks["activations"]["b"] == "keep" or ranks["activations"]["b"] > ranks["activations"]["a"]
+    assert predicted["activations"] < 0.8 * predicted["weights"]
