@@ -3,8 +3,12 @@
 For each conv, one pass of the model over (some) calibration batches accumulates, per input
 channel c, Sigma_c = E[x_c x_c^T] over every output position, x_c the K-vector patch of channel
 c that the conv reads there (with its own stride, padding, padding mode and dilation): a
-(M, K, K) tensor per layer, cheap next to the conv itself (M K^2 against N M K / g per
-position). Under torchrun the sums are added over the processes. See factorize.py for how
+(M, K, K) tensor per layer. Extracting the patches and summing their products costs about
+2 M K^2 multiply-adds per position against the conv's N M K / g, so for long kernels with few
+outputs per group (a 64-tap 1-d conv with 64 outputs per group) it would cost more than the
+conv: positions are then sampled, every s-th along the last dimension with s = ceil(4 K g / N),
+which keeps the pass near half the conv's cost; a K x K covariance needs far fewer positions
+than such layers have. Under torchrun the sums are added over the processes. See factorize.py for how
 the factorisation uses them, and why cross-channel terms are left out.
 """
 
@@ -28,19 +32,29 @@ from .probe import cannot_run, eval_mode
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def patches(x: Tensor, conv: _ConvNd) -> Tensor:
-    """(batch, M*K, *positions): each input channel's receptive-field patch at each output position of `conv`.
+def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
+    """(batch, M*K, *positions): each input channel's receptive-field patch at each output position of `conv`
+    (with `every` > 1, at every `every`-th position along the last dimension).
 
     A depthwise conv with one-hot filters and conv's stride, padding, padding mode and dilation
     extracts them in any number of dims (unfold exists for 2-d only).
     """
     channels, kernel = x.shape[1], math.prod(conv.kernel_size)
+    stride = (*conv.stride[:-1], conv.stride[-1] * every)
     extractor = type(conv)(
-        channels, channels * kernel, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        channels, channels * kernel, conv.kernel_size, stride, conv.padding, conv.dilation,
         groups=channels, bias=False, padding_mode=conv.padding_mode, device="meta",
     )  # fmt: skip  (meta: only its settings are used, the filters are passed in)
     one_hot = torch.eye(kernel, dtype=x.dtype, device=x.device).repeat(channels, 1)
     return extractor._conv_forward(x, one_hot.reshape(channels * kernel, 1, *conv.kernel_size), None)
+
+
+def sampling_step(conv: _ConvNd) -> int:
+    """Every how many positions (along the last dim) the statistics look: 1 unless the kernel is long
+    against the outputs per group (see the module docstring). String paddings ('same') need stride 1."""
+    if isinstance(conv.padding, str):
+        return 1
+    return max(1, math.ceil(4 * math.prod(conv.kernel_size) * conv.groups / conv.out_channels))
 
 
 @dataclass
@@ -59,8 +73,9 @@ class InputMoments:
             x = x.unsqueeze(0)
         per_sample = x[:1].numel() * math.prod(conv.kernel_size)
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        every = sampling_step(conv)
         for start in range(0, x.shape[0], step):
-            p = patches(x[start : start + step].detach(), conv)
+            p = patches(x[start : start + step].detach(), conv, every)
             m, k = self.second.shape[:2]
             p = p.reshape(p.shape[0], m, k, -1).permute(1, 2, 0, 3).reshape(m, k, -1)  # (M, K, positions)
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).

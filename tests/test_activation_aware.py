@@ -88,12 +88,23 @@ def test_patches_are_what_the_conv_multiplies(conv):
 
 def test_input_moments_are_averaged_over_batches_and_positions():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    model = nn.Sequential(nn.Conv2d(2, 40, 3))  # 40 outputs for 9 taps: every position is looked at
     data = [torch.randn(4, 2, 6, 6), torch.randn(2, 2, 6, 6)]
     moments = input_moments(model, {"0": model[0]}, data, batches=None)["0"]
     p = torch.cat([patches(x, model[0]).reshape(len(x), 2, 9, -1).permute(1, 2, 0, 3).reshape(2, 9, -1) for x in data], -1)
     assert moments.count == 6 * 16
     torch.testing.assert_close(moments.covariance(), (p.double() @ p.double().mT / p.shape[-1]), rtol=1e-6, atol=1e-6)
+
+
+def test_long_kernels_with_few_outputs_sample_every_sth_position():
+    """16 taps, 8 outputs: the statistics would cost more than the conv, so every 8th position is used."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 8, 16, padding=4)
+    x = torch.randn(5, 3, 100)
+    moments = input_moments(nn.Sequential(conv), {"0": conv}, [x], batches=None)["0"]
+    every = patches(x, conv).reshape(5, 3, 16, -1)[..., ::8].permute(1, 2, 0, 3).reshape(3, 16, -1).double()
+    assert moments.count == every.shape[-1] == 5 * 12
+    torch.testing.assert_close(moments.covariance(), every @ every.mT / every.shape[-1], rtol=1e-6, atol=1e-6)
 
 
 def _net():

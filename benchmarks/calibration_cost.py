@@ -1,0 +1,87 @@
+"""What data-aware conversion costs, in forward passes: the statistics pass, and calibration.
+
+    python benchmarks/calibration_cost.py            # README figures (a few minutes on 2 cores)
+    python benchmarks/calibration_cost.py --quick
+
+For each model, on the same calibration batches: one forward pass of the original and of the
+converted model over all of them (the unit), convert's input-statistics pass (activation-aware
+factorisation and allocation), and calibrate with alternate=0 and alternate=1. Median of
+`--repeats` runs, one process. Models: small_cnn on 28x28 images; resnet18 on 64x64 images; a
+1-d audio stack whose middle conv has 1,024 channels and 64-tap kernels in 16 groups (wav2vec2's
+positional conv is 768 channels, 128 taps, 16 groups). Writes benchmarks/results/calibration_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import convsep  # noqa: E402
+from common import machine_line, median_seconds, save_json  # noqa: E402
+from convsep.activations import input_moments  # noqa: E402
+from convsep.models import resnet18, small_cnn  # noqa: E402
+
+
+
+def audio_stack() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(80, 1024, 3, padding=1), nn.GELU(),
+        nn.Conv1d(1024, 1024, 64, padding=32, groups=16), nn.GELU(),
+        nn.Conv1d(1024, 256, 3, padding=1),
+    )  # fmt: skip
+
+
+def workloads(quick: bool):
+    torch.manual_seed(0)
+    count = 2 if quick else 8
+    yield "small_cnn", small_cnn().eval(), [torch.randn(128, 1, 28, 28) for _ in range(count)]
+    yield "resnet18", resnet18(num_classes=10).eval(), [torch.randn(16, 3, 64, 64) for _ in range(count)]
+    yield "audio_1024x64", audio_stack().eval(), [torch.randn(4, 80, 200) for _ in range(count)]
+
+
+def forward_all(model, data):
+    with torch.no_grad():
+        for x in data:
+            model(x)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=1)
+    args = parser.parse_args(argv)
+    print(machine_line())
+    rows = []
+    for name, model, data in workloads(args.quick):
+        converted = convsep.convert(model, rank=args.rank, init="svd")
+        convs = {d.name: model.get_submodule(d.name) for d in converted.convsep_plan.converted}
+        unit = median_seconds(lambda: (forward_all(model, data), forward_all(converted, data)), args.repeats)
+        original_only = median_seconds(lambda: forward_all(model, data), args.repeats)
+        statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
+        row = {"model": name, "batches": len(data), "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3),
+               "statistics_s": round(statistics, 3), "statistics_over_original_forward": round(statistics / original_only, 2)}  # fmt: skip
+        for alternate in (0, 1):
+            seconds = median_seconds(
+                lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate), args.repeats, warmup=0
+            )
+            row[f"calibrate_alternate{alternate}_s"] = round(seconds, 3)
+            row[f"calibrate_alternate{alternate}_over_both_forwards"] = round(seconds / unit, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if not args.quick:
+        save_json("calibration_cost", {"command": "python benchmarks/calibration_cost.py", "rank": args.rank, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
