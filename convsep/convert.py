@@ -125,8 +125,9 @@ def convert(
     init: "svd" (closed form from the kernels: the per-channel truncated SVD, least weight error),
         "activation" (needs calibration_data: per channel, the truncation that least changes the
         layer's output on the inputs it sees, from one pass of the original model over the data;
-        see factorize.py), "auto" (the default: "activation" with calibration_data, else "svd"), or
-        "random" (PyTorch's default init).
+        see factorize.py), "auto" (the default: "activation" when calibration_data is given with
+        refit=False, else "svd": after calibration the weight SVD did as well or better in our
+        measurements), or "random" (PyTorch's default init).
     include, exclude: glob patterns on qualified names (one or a list), or a callable
         (name, module) -> bool; exclude wins. A pattern that matches nothing warns.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
@@ -155,8 +156,8 @@ def convert(
         records what was folded (`decision.folded`). "keep" leaves such convs as they are.
     allocate_by: what the error `budget` minimises is measured on: "weights" (the share of each
         kernel's energy a rank drops), "activations" (needs calibration_data: the predicted share of
-        each layer's output energy it drops), or "auto" (the default: "activations" with
-        calibration_data, else "weights").
+        each layer's output energy it drops), or "auto" (the default: "activations" when
+        calibration_data is given with refit=False, else "weights", as for init).
     refit: with calibration_data, refit the pairs on it after conversion (convsep.calibrate);
         False uses the data only for the activation-aware factorisation and allocation.
 
@@ -167,7 +168,7 @@ def convert(
     rank = validate_rank(rank)
     budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
-    init, allocate_by = _data_aware_choices(init, allocate_by, calibration_data)
+    init, allocate_by = _data_aware_choices(init, allocate_by, calibration_data, refit)
     if parametrized not in PARAMETRIZED:
         raise ConvsepValueError(
             f"parametrized={parametrized!r} is not known: use one of {', '.join(map(repr, PARAMETRIZED))}"
@@ -561,8 +562,9 @@ def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:
     return root
 
 
-def _data_aware_choices(init: str, allocate_by: str, data: Any) -> tuple[str, str]:
-    """init and allocate_by with "auto" resolved: activation-aware when there is calibration data."""
+def _data_aware_choices(init: str, allocate_by: str, data: Any, refit: bool) -> tuple[str, str]:
+    """init and allocate_by with "auto" resolved by what measured best (benchmarks/rank_policies.py): activation-aware
+    when the data serves the conversion alone; the weight SVD and weight error when calibration refits the pairs."""
     if init not in CONVERT_INITS:
         raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, CONVERT_INITS))}")
     if allocate_by not in ALLOCATE_BY:
@@ -570,10 +572,11 @@ def _data_aware_choices(init: str, allocate_by: str, data: Any) -> tuple[str, st
     for name, value, needs in (("init", init, "activation"), ("allocate_by", allocate_by, "activations")):
         if value == needs and data is None:
             raise ConvsepValueError(f"{name}={value!r} needs calibration_data: the inputs the layers see")
+    aware = data is not None and not refit
     if init == "auto":
-        init = "activation" if data is not None else "svd"
+        init = "activation" if aware else "svd"
     if allocate_by == "auto":
-        allocate_by = "activations" if data is not None else "weights"
+        allocate_by = "activations" if aware else "weights"
     return init, allocate_by
 
 

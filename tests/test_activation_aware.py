@@ -121,22 +121,28 @@ def _images(count=4, seed=1):
     return [base + 0.1 * torch.randn(count, 3, 12, 12, generator=generator) for _ in range(3)]
 
 
-def test_with_data_convert_factorises_and_allocates_by_activations_and_says_so():
+def test_data_used_only_for_conversion_is_used_activation_aware_and_the_plan_says_so():
     model, data = _net(), _images()
-    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data)
+    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data, refit=False)
     plan = converted.convsep_plan
     assert plan.init == "activation" and plan.budget["allocated_by"] == "activations"
     assert all(d.whitening == "activation" and 0 <= d.predicted_output_error < 1 for d in plan.converted)
-    plain = convsep.convert(model, budget=0.4, example_inputs=data[0][:1])
-    assert plain.convsep_plan.init == "svd" and plain.convsep_plan.budget["allocated_by"] == "weights"
-    assert all(d.predicted_output_error is None for d in plain.convsep_plan.converted)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"calibration_data": "DATA"}])
+def test_auto_keeps_the_weight_svd_without_data_or_when_calibration_refits(kwargs):
+    model, data = _net(), _images()
+    kwargs = {k: data if v == "DATA" else v for k, v in kwargs.items()}
+    plan = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], **kwargs).convsep_plan
+    assert plan.init == "svd" and plan.budget["allocated_by"] == "weights"
+    assert all(d.predicted_output_error is None for d in plan.converted)
 
 
 def test_activation_init_lowers_each_layers_error_on_the_inputs_it_sees():
     model, data = _net(), _images()
     errors = {}
     for init in ("svd", "activation"):
-        converted = convsep.convert(model, rank=1, calibration_data=data, init=init)
+        converted = convsep.convert(model, rank=1, calibration_data=data, init=init)  # calibrate measures "initial"
         errors[init] = {name: e["initial"] for name, e in converted.convsep_plan.calibration["layers"].items()}
     assert all(errors["activation"][name] < errors["svd"][name] for name in errors["svd"])
 
@@ -146,7 +152,7 @@ def test_predicted_output_error_matches_the_measured_one_without_cross_channel_t
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1)).eval()
     data = [torch.randn(4, 1, 10, 10).cumsum(-1) for _ in range(2)]
-    converted = convsep.convert(model, rank=2, calibration_data=data)
+    converted = convsep.convert(model, rank=2, calibration_data=data, init="activation")
     decision = converted.convsep_plan.converted[0]
     measured = converted.convsep_plan.calibration["layers"]["0"]["initial"]
     assert decision.predicted_output_error == pytest.approx(measured, rel=0.02)
@@ -199,7 +205,7 @@ def test_activation_options_refuse_what_cannot_work(kwargs, match):
 
 def test_report_shows_predicted_and_measured_output_errors():
     model, data = _net(), _images()
-    converted = convsep.convert(model, rank=1, calibration_data=data)
+    converted = convsep.convert(model, rank=1, calibration_data=data, init="activation")
     report = convsep.report(model, converted, data[0][:1])
     plan = converted.convsep_plan
     predicted = {d.name: d.predicted_output_error for d in plan.layers}

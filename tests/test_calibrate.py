@@ -187,13 +187,13 @@ def test_convert_with_calibration_data_calibrates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     data = [torch.randn(4, 3, 10, 10) for _ in range(3)]
-    one_step = convsep.convert(model, rank=1, init="svd", calibration_data=data, calibration_batches=2)
+    one_step = convsep.convert(model, rank=1, calibration_data=data, calibration_batches=2)
     two_steps = convsep.calibrate(convsep.convert(model, rank=1), model, data, batches=2)
     assert one_step.convsep_plan.calibration["batches"] == 2
     for key, value in two_steps.state_dict().items():
         torch.testing.assert_close(one_step.state_dict()[key], value)
     all_batches = convsep.calibrate(convsep.convert(model, rank=1), model, data)
-    inplace = convsep.convert(model, rank=1, init="svd", calibration_data=data, inplace=True)  # calibrated against a copy
+    inplace = convsep.convert(model, rank=1, calibration_data=data, inplace=True)  # calibrated against a copy
     assert inplace is model
     for key, value in all_batches.state_dict().items():
         torch.testing.assert_close(inplace.state_dict()[key], value)

@@ -155,7 +155,8 @@ def original(tmp_path):
 
 
 def test_cli_convert_under_torchrun_writes_what_one_process_writes(tmp_path, original):
-    common = ["--model", f"{JOBS}:net", "--calibrate-with", f"{JOBS}:calibration_batches", "--input-shape", "1,3,8,8"]
+    common = ["--model", f"{JOBS}:net", "--calibrate-with", f"{JOBS}:calibration_batches", "--input-shape", "1,3,8,8",
+              "--init", "activation"]  # the input statistics are summed over the processes too  # fmt: skip
     finished = _torchrun("convert", original, "-o", tmp_path / "two.pt", *common)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.count("convsep report:") == 1  # the report, from rank 0 only
@@ -163,6 +164,7 @@ def test_cli_convert_under_torchrun_writes_what_one_process_writes(tmp_path, ori
     two, one = (convsep.load(tmp_path / name) for name in ("two.pt", "one.pt"))
     _assert_close(two.state_dict, one.state_dict, 1e-4)
     assert two.plan.calibration["samples"] == one.plan.calibration["samples"] == sum(map(len, jobs.calibration_batches()))
+    assert two.plan.init == "activation" and two.plan.activations == one.plan.activations
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "one.pt", "two.pt"]
 
 
