@@ -45,22 +45,22 @@ def test_whitened_factorisation_is_exact_at_full_rank(groups):
     assert relative_error(compose(factors.depthwise, factors.pointwise, groups, r), weight) < 1e-10
 
 
+def _kernel_and_covariance():
+    torch.manual_seed(0)
+    x = _correlated_inputs(6)
+    return torch.randn(16, 6, 3, 3, dtype=torch.float64), x @ x.mT / x.shape[-1]
+
+
 @pytest.mark.parametrize("rank", [1, 2, 4])
 def test_whitened_truncation_loses_less_output_energy_than_the_weight_svd(rank):
-    torch.manual_seed(0)
-    weight = torch.randn(16, 6, 3, 3, dtype=torch.float64)
-    x = _correlated_inputs(6)
-    covariance = x @ x.mT / x.shape[-1]
+    weight, covariance = _kernel_and_covariance()
     whitened = whitened_channel_svd(weight, 1, covariance, ridge=0.0)
     plain = channel_svd(weight, 1)
     assert _output_error(weight, 1, whitened, rank, covariance) < 0.9 * _output_error(weight, 1, plain, rank, covariance)
 
 
 def test_discarded_whitened_energy_is_the_output_error_it_predicts():
-    torch.manual_seed(0)
-    weight = torch.randn(16, 6, 3, 3, dtype=torch.float64)
-    x = _correlated_inputs(6)
-    covariance = x @ x.mT / x.shape[-1]
+    weight, covariance = _kernel_and_covariance()
     svd = whitened_channel_svd(weight, 1, covariance, ridge=0.0)
     A = channel_matrices(weight, 1)
     total = float(torch.einsum("cnk,ckl,cnl->", A, covariance, A))
