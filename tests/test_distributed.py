@@ -14,6 +14,8 @@ from helpers import relative_error
 from jobs import _student_and_teacher, batches, net
 from multiprocess import run_command, run_ranks, succeeded
 
+pytestmark = pytest.mark.slow
+
 import convsep
 from convsep.cli import main
 
