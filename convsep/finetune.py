@@ -49,6 +49,7 @@ from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShap
 from .layers import _SeparableConvNd
 from .probe import cannot_run, describe_inputs, eval_mode
 from .progress import progress_bar
+from .schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def finetune(
     optimizer: str = "adamw",
     weight_decay: Optional[float] = None,
     clip_grad_norm: Optional[float] = 1.0,
+    warmup: float = 0.05,
     verbose: bool = True,
 ) -> nn.Module:
     """Train `model` (usually the output of `convsep.convert`) in place and return it in eval mode.
@@ -90,9 +92,10 @@ def finetune(
         device, a copy is moved). Without a teacher, every batch must carry targets.
     epochs: passes over `data`. steps: if given, train exactly this many steps instead, cycling over
         `data` as often as needed (epochs is then ignored).
-    lr: peak learning rate, decayed to 0 by a cosine schedule over the run. The schedule needs the
-        number of steps: `steps`, or `epochs * len(data)`; data without `len()` trains at a constant lr.
-        1e-3 suits AdamW; give SGD a larger one (e.g. 0.01 to 0.1).
+    lr: peak learning rate, reached after a linear warmup and decayed to 0 by a cosine schedule over the
+        run (convsep.schedule). The schedule needs the number of steps: `steps`, or `epochs * len(data)`;
+        data without `len()` trains at a constant lr. 1e-3 suits AdamW; give SGD a larger one (e.g. 0.01 to 0.1).
+    warmup: the fraction of the run's steps spent raising the lr linearly to its peak (0: none).
     loss: "kl" (classifier: KL at `temperature` against the teacher, cross-entropy against targets),
         "mse" (any output: mean squared error against both), "auto" ("kl" when the output is 2-d with
         at least two columns, else "mse"), or a callable `(student_out, teacher_out, targets) -> scalar`
@@ -119,7 +122,7 @@ def finetune(
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
         _check_arguments(
-            model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
+            model, data, teacher, epochs, steps, lr, warmup, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
         )
         device = parse_device(device) if device is not None else device_of(model)
         model.to(device)
@@ -134,7 +137,7 @@ def finetune(
     total = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
     opt = _make_optimizer(optimizer, _parameter_groups(model, named, decay), lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total)) if total else None
+    schedule = Schedule(opt, lr, total, warmup)
     if total is None:
         log.info("data has no len() and steps is None: training at a constant lr of %g", lr)
     objective = _Objective(loss, temperature, alpha)
@@ -178,8 +181,7 @@ def finetune(
                 buffers.restore()
                 raise
             opt.step()
-            if schedule is not None:
-                schedule.step()
+            schedule.step()
             loss_value = value.item()
             epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
             if bar is not None:
@@ -388,10 +390,6 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, **{no_sync: False})
 
 
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
 def _trainable_parameters(model: nn.Module, trainable: TrainableSpec) -> list[tuple[str, nn.Parameter]]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if callable(trainable):
@@ -482,7 +480,7 @@ def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def _check_arguments(model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip):
+def _check_arguments(model, data, teacher, epochs, steps, lr, warmup, loss, temperature, alpha, optimizer, weight_decay, clip):
     if not isinstance(model, nn.Module):
         raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
@@ -497,6 +495,8 @@ def _check_arguments(model, data, teacher, epochs, steps, lr, loss, temperature,
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConvsepValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ConvsepValueError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
     for name, value in (("lr", lr), ("temperature", temperature), ("clip_grad_norm", clip)):
         if value is None and name == "clip_grad_norm":
             continue

@@ -184,21 +184,40 @@ def test_quiet_when_stderr_is_not_a_terminal(capsys):
     assert captured.out == "" and captured.err == ""
 
 
-def test_steps_cycle_over_the_data_and_the_lr_follows_a_cosine():
+def test_steps_cycle_over_the_data():
     calls = []
 
     def counting(out, teacher_out, targets):
         calls.append(1)
         return out.square().mean()
 
-    model = nn.Linear(3, 2)
-    convsep.finetune(model, [torch.randn(2, 3)] * 2, steps=5, loss=counting, verbose=False)
+    convsep.finetune(nn.Linear(3, 2), [torch.randn(2, 3)] * 2, steps=5, loss=counting, verbose=False)
     assert len(calls) == 5
 
-    from convsep.finetune import _cosine
 
-    schedule = _cosine(10)
-    assert schedule(0) == 1.0 and schedule(10) == pytest.approx(0.0) and schedule(5) == pytest.approx(0.5)
+def lr_of_every_step(monkeypatch, **kwargs) -> list[float]:
+    """The lr the optimiser holds at each of its steps (a spy on AdamW.step) during one finetune call."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    convsep.finetune(nn.Linear(3, 2), [torch.randn(2, 3)], loss=square, verbose=False, **kwargs)
+    return seen
+
+
+def test_the_lr_warms_up_linearly_then_follows_a_cosine_to_zero(monkeypatch):
+    lrs = lr_of_every_step(monkeypatch, steps=20, lr=0.1, warmup=0.1)  # 2 warmup steps, 18 of cosine
+    expected = [0.1 / 3, 0.2 / 3] + [0.05 * (1 + math.cos(math.pi * s / 18)) for s in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_the_default_warmup_is_a_few_percent_of_the_steps(monkeypatch):
+    lrs = lr_of_every_step(monkeypatch, steps=40, lr=1.0)
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 5% of 40: two steps below the peak
 
 
 def test_a_one_shot_generator_gives_one_epoch_with_a_warning():
