@@ -122,7 +122,7 @@ def _finetune(args: argparse.Namespace) -> int:
             check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
         student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
         teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
-        data = distributed.shard(load_batches(args.data))
+        data = distributed.shard(load_batches(args.data, option="--data"))
         tuned = finetune(
             student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
             temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer,

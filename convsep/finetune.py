@@ -125,10 +125,12 @@ def finetune(
             model, data, teacher, epochs, steps, lr, warmup, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
         )
         device = parse_device(device) if device is not None else device_of(model)
-        model.to(device)
         named = _trainable_parameters(model, trainable)
         if teacher is not None:
             _check_teacher(model, teacher)
+        # Only now, with every argument checked, is anything moved.
+        model.to(device)
+        if teacher is not None:
             teacher = on_device(teacher, device)
     trained_names = ",".join(name for name, _ in named)
     distributed.same_everywhere(distributed.fingerprint(model, teacher, extra=trained_names), "models")

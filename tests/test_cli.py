@@ -606,6 +606,13 @@ def test_finetune_rejects_bad_options_in_one_line(work, capsys):
         assert not (work / "ft.pt").exists()
 
 
+def test_finetune_data_errors_name_the_data_option(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    code, _, err = run(argv + ["--data", "no-colon-here"], capsys)
+    assert code == 1 and "--data 'no-colon-here' is neither" in err and "--calibrate-with" not in err, err
+
+
 def test_finetune_needs_a_teacher(work, capsys):
     sep = _converted_checkpoint(work, capsys)
     code, _, err = run(["finetune", sep, "-o", work / "ft.pt", "--data", "x:y"], capsys)
