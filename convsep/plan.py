@@ -46,6 +46,7 @@ class ConversionPlan:
     budget: Optional[dict[str, Any]] = None  # convert(budget=...): the share asked for and reached, the objective
     calibration: Optional[dict[str, Any]] = None  # calibrate(): data used, settings, per-layer output errors
     parametrized: str = "fold"  # convert(parametrized=...): fold computed weights into pairs, or keep such convs
+    finetune: Optional[dict[str, Any]] = None  # finetune(): its history (per evaluation) and the best step
 
     @property
     def converted(self) -> list[LayerDecision]:

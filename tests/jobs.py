@@ -126,7 +126,8 @@ def finetune_nan_on_rank_1(folder: str) -> None:
     if dist.get_rank() == 1:
         x, y = data[1]
         data[1] = (torch.full_like(x, float("nan")), y)
-    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, verbose=False))
+    # no second chance: the step is not undone and retried, training stops there
+    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, nonfinite_retries=0, verbose=False))
     save(folder, {"state": student.state_dict()})
 
 

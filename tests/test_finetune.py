@@ -123,9 +123,9 @@ def test_labels_and_teacher_combine_as_documented():
 
     from convsep.finetune import _Objective
 
-    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, step=1)
+    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, "batch 1")
     assert float(combined) == pytest.approx(expected, rel=1e-6)
-    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, 1)) == pytest.approx(float(soft))
+    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, "batch 1")) == pytest.approx(float(soft))
 
 
 def test_mse_is_chosen_for_outputs_that_are_not_logits():
@@ -133,7 +133,7 @@ def test_mse_is_chosen_for_outputs_that_are_not_logits():
 
     out, teacher_out = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     objective = _Objective("auto", 2.0, 0.5)
-    torch.testing.assert_close(objective(out, teacher_out, None, 1), nn.functional.mse_loss(out, teacher_out))
+    torch.testing.assert_close(objective(out, teacher_out, None, "batch 1"), nn.functional.mse_loss(out, teacher_out))
     assert objective.kind == "mse"
 
 
@@ -285,8 +285,8 @@ def test_a_nan_loss_stops_at_that_step_and_keeps_the_last_finite_weights():
     reference.load_state_dict(student.state_dict())
     # generators have no len(): both runs train at the same constant lr, so they must agree bitwise
     convsep.finetune(reference, (b for b in good), teacher=teacher, verbose=False)
-    with pytest.raises(convsep.NonFiniteLossError, match="step 3 .*loss is nan.*weights of step 2"):
-        convsep.finetune(student, (b for b in good + [bad]), teacher=teacher, verbose=False)
+    with pytest.raises(convsep.NonFiniteLossError, match="step 3 .*loss is nan.*weights of the last finite step"):
+        convsep.finetune(student, (b for b in good + [bad]), teacher=teacher, nonfinite_retries=0, verbose=False)
     assert_bitwise_equal(snapshot(reference), student)  # BN running statistics included
     assert not student.training
 
@@ -354,3 +354,161 @@ def test_a_bad_argument_is_found_before_the_model_is_moved(monkeypatch):
         with pytest.raises(convsep.ConvsepValueError):
             convsep.finetune(model, [torch.randn(2, 3, 12, 12)], device="cpu", verbose=False, **kwargs)
     assert moved == []
+
+
+# --- validation, keep-best, history ------------------------------------------------------------
+
+
+def labelled_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return small_net().eval()
+
+
+def test_with_validation_a_run_that_only_hurts_returns_the_model_it_was_given(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=2)
+    before = snapshot(student)
+    # lr 1.0 throws an already close model far away: every later state is worse on validation
+    convsep.finetune(student, batches, teacher=teacher, lr=1.0, epochs=2, val_data=chunks(held_x, held_y), verbose=False)
+    assert_bitwise_equal(before, student)
+    history = student.convsep_plan.finetune
+    assert history["best_step"] == 0 and [r["step"] for r in history["history"]] == [0, 16, 32]
+    assert all(r["val_loss"] > history["history"][0]["val_loss"] for r in history["history"][1:])
+
+
+def test_validation_keeps_the_state_with_the_lowest_validation_loss(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=1)
+    val = chunks(held_x, held_y)
+    convsep.finetune(student, batches, teacher=teacher, lr=3e-3, epochs=2, val_every=5, val_data=val, verbose=False)
+    history = student.convsep_plan.finetune["history"]
+    best = min(history, key=lambda r: r["val_loss"])
+    assert [r["step"] for r in history] == [0, 5, 10, 15, 16, 20, 25, 30, 32]
+    assert best["step"] == student.convsep_plan.finetune["best_step"] and best["step"] > 0
+    with torch.no_grad():  # the returned model is the one measured at that step (same objective, alpha 0.5)
+        loss = sum(float(_objective_on(student, teacher, x, y)) * len(x) for x, y in val) / len(held_x)
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def _objective_on(student, teacher, x, y):
+    from convsep.finetune import _Objective
+
+    return _Objective("auto", 2.0, 0.5)(student(x), teacher(x), y, "check")
+
+
+def test_the_history_records_accuracy_train_loss_and_lr(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=1)
+    with torch.no_grad():
+        start_accuracy = float((student(held_x).argmax(1) == held_y).float().mean())
+    convsep.finetune(student, batches, teacher=teacher, steps=6, lr=3e-3, warmup=0.0, val_data=chunks(held_x, held_y), verbose=False)
+    first, last = student.convsep_plan.finetune["history"]
+    assert first["val_accuracy"] == pytest.approx(start_accuracy) and first["train_loss"] is None
+    assert (last["step"], last["epoch"], last["lr"]) == (6, 1, pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 6 / 6))))
+    assert last["train_loss"] > 0
+
+
+def test_a_model_without_a_plan_keeps_its_history_on_itself():
+    x, y = quadrant_task(16, seed=3)
+    model = convsep.finetune(labelled_net(), chunks(x, y, 8), steps=2, val_data=chunks(x, y, 8), verbose=False)
+    assert [r["step"] for r in model.convsep_finetune["history"]] == [0, 2]
+
+
+def test_validation_batches_that_do_not_fit_are_named():
+    good, bad = torch.randn(4, 3, 12, 12), torch.randn(4, 5, 12, 12)
+    with pytest.raises(convsep.InputShapeError, match=r"validation batch 2: the model cannot run .*\(4, 5, 12, 12\)"):
+        convsep.finetune(small_net(), [good], teacher=small_net(), val_data=[good, bad], verbose=False)
+
+
+def test_verbose_prints_the_history(capsys):
+    x, y = quadrant_task(16, seed=3)
+    convsep.finetune(labelled_net(), chunks(x, y, 8), steps=2, val_data=chunks(x, y, 8), verbose=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation loss" in line]
+    assert len(lines) == 2 and lines[0].startswith("step 0 (epoch 1): validation loss") and "accuracy" in lines[0]
+
+
+# --- non-finite steps ---------------------------------------------------------------------------
+
+
+def test_a_nan_step_is_undone_and_skipped_and_the_lr_halved(monkeypatch):
+    torch.manual_seed(0)
+    good = [torch.randn(2, 3) for _ in range(3)]
+    data = [good[0], torch.full((2, 3), float("nan")), good[1], good[2]]
+    lrs = lr_of_every_step(monkeypatch, steps=4, lr=0.1, warmup=0.0)  # the closed form, without the NaN
+    monkeypatch.undo()
+    seen, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    model = nn.Linear(3, 2)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    convsep.finetune(model, data, loss=square, lr=0.1, warmup=0.0, verbose=False)
+    assert seen == pytest.approx([lrs[0], lrs[2] / 2, lrs[3] / 2])  # step 2 never reached the optimiser
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_after_the_allowed_retries_training_gives_up_with_the_last_finite_weights():
+    model = nn.Linear(3, 2)
+    nan = torch.full((2, 3), float("nan"))
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    convsep.finetune(reference, [torch.ones(2, 3)] + [nan] * 2, loss=square, nonfinite_retries=2, warmup=0.0, verbose=False)
+    with pytest.raises(convsep.NonFiniteLossError, match=r"step 4 .*loss is nan \(2 earlier step\(s\) undone"):
+        convsep.finetune(model, [torch.ones(2, 3)] + [nan] * 3, loss=square, nonfinite_retries=2, warmup=0.0, verbose=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught():
+    model = nn.Linear(3, 2)
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    root = lambda out, teacher_out, targets: out.abs().sqrt().sum()  # noqa: E731  (0 at 0; its gradient is not finite)
+    with pytest.raises(convsep.NonFiniteLossError, match="gradient norm is nan"):
+        convsep.finetune(model, [torch.ones(2, 3)], loss=root, nonfinite_retries=0, verbose=False)
+    assert bool((model.weight == 0).all()) and bool((model.bias == 0).all())
+
+
+def test_every_step_non_finite_is_an_error_and_leaves_the_model_as_it_was():
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    with pytest.raises(convsep.NonFiniteLossError, match="every one of the 2 steps"):
+        convsep.finetune(model, [torch.full((2, 3), float("inf"))] * 2, loss=square, verbose=False)
+    assert_bitwise_equal(before, model)
+
+
+# --- the teacher, clipping ---------------------------------------------------------------------
+
+
+def test_the_teacher_gets_no_gradients():
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    convsep.finetune(convsep.convert(teacher, rank=1), [torch.randn(4, 3, 12, 12)], teacher=teacher, steps=2, verbose=False)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_gradients_are_clipped_to_norm_1_by_default():
+    model = nn.Linear(3, 2)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    huge = lambda out, teacher_out, targets: 1e6 * out.sum()  # noqa: E731
+    convsep.finetune(model, [torch.ones(4, 3)], loss=huge, optimizer="sgd", lr=0.1, weight_decay=0.0, verbose=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float((after - before).norm()) == pytest.approx(0.1 * 1.0, rel=1e-4)
+
+
+# --- mixed precision ---------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_and_keeps_float32_weights(trained):
+    teacher, batches, held_x, _ = trained
+    student = convsep.convert(teacher, rank=1)
+    start = held_out_distillation_loss(student, teacher, held_x)
+    convsep.finetune(student, [x for x, _ in batches], teacher=teacher, lr=3e-3, autocast="bf16", verbose=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert held_out_distillation_loss(student, teacher, held_x) < 0.7 * start
+
+
+def test_fp16_autocast_needs_cuda_and_unknown_kinds_are_named():
+    data = [torch.randn(2, 3, 12, 12)]
+    with pytest.raises(convsep.ConvsepValueError, match="autocast='fp16' needs a CUDA device"):
+        convsep.finetune(small_net(), data, teacher=small_net(), autocast="fp16", device="cpu", verbose=False)
+    with pytest.raises(convsep.ConvsepValueError, match="autocast='int8' is not known"):
+        convsep.finetune(small_net(), data, teacher=small_net(), autocast="int8", verbose=False)
