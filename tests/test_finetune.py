@@ -512,3 +512,87 @@ def test_fp16_autocast_needs_cuda_and_unknown_kinds_are_named():
         convsep.finetune(small_net(), data, teacher=small_net(), autocast="fp16", device="cpu", verbose=False)
     with pytest.raises(convsep.ConvsepValueError, match="autocast='int8' is not known"):
         convsep.finetune(small_net(), data, teacher=small_net(), autocast="int8", verbose=False)
+
+
+# --- training checkpoints and resume -------------------------------------------------------------
+
+
+class Killed(Exception):
+    """What the data raises to stand for a job killed mid-run."""
+
+
+class DiesAfter:
+    """`data`, re-iterable, except that taking batch number `limit + 1` (counted over every pass) raises Killed."""
+
+    def __init__(self, data, limit: int) -> None:
+        self.data, self.left = data, limit
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+            yield batch
+
+
+def resumable_setup():
+    """A float64 teacher with batch norm and dropout (random on every step), its conversion, a shuffling DataLoader."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                            nn.Linear(288, 4)).double().eval()  # fmt: skip
+    x, y = torch.randn(32, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+    val = [(x[:16], y[:16])]
+    return convsep.convert(teacher, rank=1), teacher, loader, val
+
+
+def run_to_the_end(tmp_path, **options):
+    student, teacher, loader, val = resumable_setup()
+    torch.manual_seed(1)
+    convsep.finetune(student, loader, teacher=teacher, epochs=2, lr=1e-2, val_data=val, verbose=False,
+                     save_state=tmp_path / "whole.pt", **options)  # fmt: skip
+    return student
+
+
+def killed_then_resumed(tmp_path, killed_at: int, **options):
+    student, teacher, loader, val = resumable_setup()
+    start = snapshot(student)
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        convsep.finetune(student, DiesAfter(loader, killed_at), teacher=teacher, epochs=2, lr=1e-2, val_data=val,
+                         verbose=False, save_state=tmp_path / "state.pt", **options)  # fmt: skip
+    resumed, teacher, loader, val = resumable_setup()
+    torch.manual_seed(123)  # whatever the generators hold now, the checkpoint's state is what counts
+    convsep.finetune(resumed, loader, teacher=teacher, epochs=2, lr=1e-2, val_data=val, verbose=False,
+                     save_state=tmp_path / "state.pt", resume=tmp_path / "state.pt", **options)  # fmt: skip
+    return resumed, start
+
+
+def test_a_run_killed_after_epoch_1_and_resumed_ends_as_the_uninterrupted_one(tmp_path):
+    whole = run_to_the_end(tmp_path)
+    resumed, start = killed_then_resumed(tmp_path, killed_at=4)  # 4 batches an epoch: killed taking the 5th
+    assert any(not torch.equal(v, whole.state_dict()[k]) for k, v in start.items())  # it did train
+    assert_bitwise_equal(snapshot(whole), resumed)
+    assert resumed.convsep_plan.finetune["history"] == whole.convsep_plan.finetune["history"]
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_save_every_checkpoint(tmp_path):
+    whole = run_to_the_end(tmp_path, save_every=3)
+    resumed, _ = killed_then_resumed(tmp_path, killed_at=7, save_every=3)  # saved at step 6, in epoch 2
+    assert_bitwise_equal(snapshot(whole), resumed)
+
+
+def test_resuming_with_another_model_is_one_error_and_changes_nothing(tmp_path):
+    run_to_the_end(tmp_path)
+    saved = (tmp_path / "whole.pt").read_bytes()
+    _, teacher, loader, _ = resumable_setup()
+    other = convsep.convert(teacher, rank=2)
+    before = snapshot(other)
+    with pytest.raises(convsep.CheckpointError, match="whole.pt is the training state of another model"):
+        convsep.finetune(other, loader, teacher=teacher, save_state=tmp_path / "whole.pt", resume=tmp_path / "whole.pt",
+                         verbose=False)  # fmt: skip
+    assert (tmp_path / "whole.pt").read_bytes() == saved
+    assert_bitwise_equal(before, other)
