@@ -207,7 +207,9 @@ def finetune(
         with eval_mode(model), torch.no_grad():  # the unwrapped model: no DDP hooks, no collectives per batch
             evaluation = evaluate(val_data, lambda batch, where: _batch_loss(
                 model, teacher, objective, batch, where, device, full_precision))  # fmt: skip
-        train_loss = since[0] / since[1] if since[1] else None
+        trained = torch.tensor(since, dtype=torch.float64)
+        distributed.all_sum([trained])  # the mean over every process's batches, the same number everywhere
+        train_loss = float(trained[0] / trained[1]) if trained[1] else None
         row = history.add(model, evaluation, step=position.step, epoch=position.epoch_of_last_step, train_loss=train_loss, lr=schedule.lr)
         since[:] = [0.0, 0]
         log.info("%s", format_row(row))
