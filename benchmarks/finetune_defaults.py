@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 import convsep  # noqa: E402
 import fashion_mnist  # noqa: E402
 from common import machine_line, median_seconds, save_json  # noqa: E402
-from fashion_mnist_end_to_end import calibrate, convert_variants, nhwc, train_original  # noqa: E402
+from fashion_mnist_end_to_end import calibrate, convert_variants, train_original  # noqa: E402
 
 SETTINGS = {  # name -> finetune keywords (everything else at the library's defaults)
     "lr 1e-3, no warmup (the old defaults)": {"lr": 1e-3, "warmup": 0.0},
@@ -60,8 +60,7 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: {fashion_mnist.INSTALL_HINT}", file=sys.stderr)
+    if fashion_mnist.missing():
         return 1
     n = 512 if args.quick else args.train_images
     images, labels = fashion_mnist.load("train")
