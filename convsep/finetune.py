@@ -14,9 +14,13 @@ for any other output. A batch without targets uses the first term alone (weight 
 teacher the second term alone is plain supervised training. The T^2 keeps the gradient of the soft
 term on the scale of the hard one whatever the temperature.
 
-Optimisation follows the usual recipe: AdamW (or SGD with momentum), a cosine schedule, gradient
-clipping, and no weight decay on depthwise filters (MobileNet: they hold few parameters, so decay
-mostly shrinks them) nor on biases and normalisation parameters.
+Optimisation follows the usual recipe: AdamW (or SGD with momentum), a linear warmup then a cosine
+schedule (convsep/schedule.py), gradient clipping, and no weight decay on depthwise filters
+(MobileNet: they hold few parameters, so decay mostly shrinks them) nor on biases and normalisation
+parameters. What a real run needs besides lives beside this loop: validation with keep-best and the
+history (validation.py), mixed precision (precision.py), training checkpoints and resume
+(training_state.py). A non-finite step is never applied: it is undone, the lr halved, and only after
+a few such steps does training give up.
 
 Under torchrun each process passes its own shard of the batches and the model is wrapped in
 DistributedDataParallel: gradients are averaged over the processes, so a step sees the batches of
@@ -174,7 +178,7 @@ def finetune(
     if total is None:
         log.info("data has no len() and steps is None: training at a constant lr of %g", lr)
     objective = _Objective(loss, temperature, alpha)
-    history, position = History(), _Position()
+    history, position = History(), training_state.Position()
     run = {"rollbacks": 0, "applied": 0}  # steps undone for a non-finite value; steps applied
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -454,31 +458,7 @@ _END = object()
 END_OF_EPOCH = object()  # what _epochs yields between epochs: time to validate and save
 
 
-class _Position:
-    """Where a run is: the epoch under way, batches taken in it, steps taken, and the random generators'
-    state when the epoch began (which decides a shuffling DataLoader's order), for a training checkpoint."""
-
-    def __init__(self) -> None:
-        self.epoch, self.index, self.step = 1, 0, 0
-        self.epoch_of_last_step = 1
-        self.rng_at_epoch_start: Optional[dict] = None
-        self.replay: Optional[dict] = None  # a resumed run: the generators' state to return to after the replay
-
-    def rng(self) -> dict:
-        return {"epoch_start": self.rng_at_epoch_start, "now": training_state.rng_state()}
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "step": self.step, "epoch_of_last_step": self.epoch_of_last_step}
-
-    def load(self, state: dict, rngs: list[dict]) -> None:
-        self.epoch, self.index, self.step = state["epoch"], state["index"], state["step"]
-        self.epoch_of_last_step = state["epoch_of_last_step"]
-        mine = rngs[distributed.rank()] if len(rngs) == distributed.world_size() else rngs[0]
-        self.rng_at_epoch_start = mine["epoch_start"]
-        training_state.set_rng_state(mine["now"])
-
-
-def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: _Position) -> Iterator[Any]:
+def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: training_state.Position) -> Iterator[Any]:
     """The batches of `epochs` passes over data (or of exactly `steps` steps, cycling over it), with
     END_OF_EPOCH after each pass; from `position`, so a resumed run replays the batches it had taken.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -49,6 +49,29 @@ def _as_python_state(state: Any) -> tuple:
     return version, tuple(internal), gauss
 
 
+class Position:
+    """Where a run is: the epoch under way, batches taken in it, steps taken, and the random generators'
+    state when the epoch began (which decides a shuffling DataLoader's order), for a training checkpoint."""
+
+    def __init__(self) -> None:
+        self.epoch, self.index, self.step = 1, 0, 0
+        self.epoch_of_last_step = 1
+        self.rng_at_epoch_start: Optional[dict] = None
+
+    def rng(self) -> dict:
+        return {"epoch_start": self.rng_at_epoch_start, "now": rng_state()}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "step": self.step, "epoch_of_last_step": self.epoch_of_last_step}
+
+    def load(self, state: dict, rngs: list[dict]) -> None:
+        self.epoch, self.index, self.step = state["epoch"], state["index"], state["step"]
+        self.epoch_of_last_step = state["epoch_of_last_step"]
+        mine = rngs[distributed.rank()] if len(rngs) == distributed.world_size() else rngs[0]
+        self.rng_at_epoch_start = mine["epoch_start"]
+        set_rng_state(mine["now"])
+
+
 def save(path: PathLike, state: dict) -> None:
     """Write the training state (rank 0 only; the others' generators were gathered into `state` by the caller)."""
     if distributed.is_main():
@@ -60,7 +83,7 @@ def load(path: PathLike, fingerprint: str) -> dict:
     """The training state in `path`, checked to belong to a model of this `fingerprint` (structure and plan)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointNotFoundError(f"--resume {str(path)!r}: no such file")
+        raise CheckpointNotFoundError(f"the training state {str(path)!r} to resume from does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file: pickle, zip and torch errors alike
