@@ -224,11 +224,12 @@ def finetune(
         if save_state is None:
             return
         rngs = distributed.gather(position.rng())  # a collective: every process reaches it at the same step
-        training_state.save(save_state, {
-            "fingerprint": _structure(model), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": precision.scaler.state_dict() if precision.scaler else None,
-            "history": history.state_dict(), "position": position.state(), "rng": rngs, "run": dict(run),
-        })  # fmt: skip
+        with distributed.together():  # a failed write on rank 0 (a full disk) stops the others too, not hangs them
+            training_state.save(save_state, {
+                "fingerprint": _structure(model), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": schedule.state_dict(), "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "history": history.state_dict(), "position": position.state(), "rng": rngs, "run": dict(run),
+            })  # fmt: skip
 
     try:
         if resumed is None:
