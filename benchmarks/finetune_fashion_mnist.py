@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     args.batch_size = args.batch_size or (32 if args.quick else 128)
     if args.original is None and not args.quick:
         args.original = os.path.join(HERE, "results", f"small_cnn_w{args.width}_e{args.epochs}_s{args.seed}.pt")
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: {fashion_mnist.INSTALL_HINT}", file=sys.stderr)
+    if fashion_mnist.missing():
         return 1
     (train, test), load_seconds = timed(
         lambda: (

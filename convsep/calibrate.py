@@ -412,6 +412,11 @@ class _LayerStats:
             self.count += f.shape[-1]
             self.target_energy += float(t.double().square().sum())
 
+    def finite(self) -> bool:
+        """Whether every sum is finite: one NaN or inf in the data poisons them all, and then the fit."""
+        sums = (self.gram, self.cross, self.feature_sum, self.target_sum)
+        return math.isfinite(self.target_energy) and all(bool(torch.isfinite(t).all()) for t in sums)
+
     def sum_over_processes(self) -> None:
         """Add up the sums of every process of a distributed job (nothing to do in one process)."""
         if not distributed.active():
@@ -508,6 +513,11 @@ def _fit(pair: _SeparableConvNd, stats: _LayerStats, ridge: float, alternate: in
     """Pointwise refit, then `alternate` rounds of depthwise + pointwise; (error before, error after)."""
     if stats.count == 0:
         return float("nan"), float("nan")
+    if not stats.finite():
+        raise ConvsepValueError(
+            f"calibrating {name!r}: its inputs or the original layer's outputs on the calibration data hold NaN or "
+            "inf, so its fit would be NaN: the layer was left as it was. Look for NaN/inf in the calibration data"
+        )
     before, after = _refit_pointwise(pair, stats, ridge)
     unknowns = pair.in_channels // pair.groups * pair.rank * stats.kernel
     if alternate and unknowns > MAX_DEPTHWISE_UNKNOWNS:

@@ -118,22 +118,38 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    # The training checkpoint: continued from --resume, else beside OUT; never overwritten by a new run unasked.
+    state = args.training_state or args.resume or f"{args.output}.training.pt"
     with distributed.together():  # every process trained without error before rank 0 writes
         if distributed.is_main():
             check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
+            if not _same_path(state, args.resume):
+                check_destination(state, overwrite=args.force, sources=(args.input, args.teacher, args.output))
         student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
         teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
-        data = distributed.shard(load_batches(args.data))
+        data = distributed.shard(load_batches(args.data, option="--data"))
+        val = distributed.shard(load_batches(args.val_data, option="--val-data")) if args.val_data else None
         tuned = finetune(
-            student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr,
+            student.model, data, teacher=teacher, epochs=args.epochs, steps=args.steps, lr=args.lr, warmup=args.warmup,
             temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer,
-            device=args.device or distributed.local_device(), trainable=args.trainable, verbose=sys.stderr.isatty(),
+            device=args.device or distributed.local_device(), trainable=args.trainable, val_data=val,
+            val_every=args.val_every, autocast=args.autocast, save_state=state, save_every=args.save_every,
+            resume=args.resume, verbose=sys.stderr.isatty(),
         )  # fmt: skip
     # Written only after training finished with finite losses: a failed run leaves no checkpoint.
     if distributed.is_main():
         save(tuned, args.output, input_shape=student.checkpoint.input_shape)
-    _note(f"wrote {args.output}")
+    record = getattr(plan_of(tuned), "finetune", None)
+    if record and record.get("history"):
+        last = record["history"][-1]
+        _note(f"validation loss {record['history'][0]['val_loss']:.4f} -> {last['val_loss']:.4f}; "
+              f"kept step {record['best_step']} (validation loss {record['best_val_loss']:.4f})")  # fmt: skip
+    _note(f"wrote {args.output} (training state: {state})")
     return 0
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -267,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
             "convsep finetune model_sep.pt -o model_ft.pt --teacher model.pt --model mypkg.models:resnet18 "
             "--data mypkg.data:train_batches",
             "convsep finetune sep.pt -o ft.pt --teacher orig.pt --model net.py:Net --data data.py:batches --epochs 2 --lr 3e-4",
+            "convsep finetune sep.pt -o ft.pt --teacher orig.pt --model net.py:Net --data data.py:train --val-data data.py:val "
+            "--save-every 500   # then, if killed: the same command with --resume ft.pt.training.pt",
         ],
         run=_finetune,
     )
@@ -292,7 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_parser.add_argument(
         "--trainable", choices=("all", "separable"), default="all", help="train every parameter or only the pairs"
     )
-    finetune_parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    finetune_parser.add_argument(
+        "--warmup", type=float, default=0.05, help="fraction of the steps spent warming the lr up linearly (default: 0.05)"
+    )
+    finetune_parser.add_argument(
+        "--val-data", metavar="DATA",
+        help="validation batches (like --data): evaluated before training and after every epoch; the best state is kept",
+    )  # fmt: skip
+    finetune_parser.add_argument("--val-every", type=int, metavar="N", help="also validate every N steps")
+    finetune_parser.add_argument(
+        "--autocast", choices=("bf16", "fp16"), help="mixed precision for the forward passes (fp16: CUDA only)"
+    )
+    finetune_parser.add_argument(
+        "--training-state", metavar="PATH",
+        help="where the training checkpoint goes, every epoch and every --save-every steps (default: OUT.training.pt)",
+    )  # fmt: skip
+    finetune_parser.add_argument("--save-every", type=int, metavar="N", help="also save the training state every N steps")
+    finetune_parser.add_argument(
+        "--resume", metavar="PATH", help="continue an interrupted run from its training state (same command otherwise)"
+    )
+    finetune_parser.add_argument("--force", action="store_true", help="replace OUT (and its training state) if they exist")
 
     demo = _subcommand(
         commands,

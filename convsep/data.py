@@ -35,30 +35,32 @@ def load_batches(
     batch_size: int = 32,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    option: str = "--calibrate-with",
 ) -> Iterable[Any]:
     """The batches `spec` names: a folder of images, or an import string to a callable returning batches.
 
     channels, size (an int or (height, width)), batch_size, mean and std apply to image folders only.
+    option: the command-line flag that gave `spec`, named in errors (--calibrate-with, --data, --val-data).
     """
     if not isinstance(spec, (str, os.PathLike)):
-        raise ConvsepTypeError(f"--calibrate-with {spec!r} must be a folder or an import string, got {type(spec).__name__}")
+        raise ConvsepTypeError(f"{option} {spec!r} must be a folder or an import string, got {type(spec).__name__}")
     path = Path(spec)
     if path.is_dir():
         return ImageFolder(path, channels=channels, size=size, batch_size=batch_size, mean=mean, std=std)
     spec = str(spec)
     if ":" not in spec:
         raise ConvsepValueError(
-            f"--calibrate-with {spec!r} is neither a folder nor an import string like package.module:callable "
+            f"{option} {spec!r} is neither a folder nor an import string like package.module:callable "
             "or path/to/file.py:callable"
         )
-    produced = resolve_callable(spec, what="--calibrate-with")()
+    produced = resolve_callable(spec, what=option)()
     if isinstance(produced, torch.Tensor):
         return [produced]
     try:
         iter(produced)
     except TypeError:
         raise ConvsepTypeError(
-            f"--calibrate-with {spec!r} returned a value of type {type(produced).__name__}, not an iterable of batches"
+            f"{option} {spec!r} returned a value of type {type(produced).__name__}, not an iterable of batches"
         ) from None
     return produced
 

@@ -114,11 +114,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
 
 def first_given(value: Any) -> Any:
     """The value of the lowest rank whose value is not None (None if no rank has one)."""
+    return next((v for v in gather(value) if v is not None), None)
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's value (any picklable object), in rank order, on every rank; [value] outside a group."""
     if not active():
-        return value
+        return [value]
     values = [None] * world_size()
     dist.all_gather_object(values, value)
-    return next((v for v in values if v is not None), None)
+    return values
 
 
 def same_everywhere(fingerprint: str, what: str) -> None:

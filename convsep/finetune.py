@@ -14,9 +14,13 @@ for any other output. A batch without targets uses the first term alone (weight 
 teacher the second term alone is plain supervised training. The T^2 keeps the gradient of the soft
 term on the scale of the hard one whatever the temperature.
 
-Optimisation follows the usual recipe: AdamW (or SGD with momentum), a cosine schedule, gradient
-clipping, and no weight decay on depthwise filters (MobileNet: they hold few parameters, so decay
-mostly shrinks them) nor on biases and normalisation parameters.
+Optimisation follows the usual recipe: AdamW (or SGD with momentum), a linear warmup then a cosine
+schedule (convsep/schedule.py), gradient clipping, and no weight decay on depthwise filters
+(MobileNet: they hold few parameters, so decay mostly shrinks them) nor on biases and normalisation
+parameters. What a real run needs besides lives beside this loop: validation with keep-best and the
+history (validation.py), mixed precision (precision.py), training checkpoints and resume
+(training_state.py). A non-finite step is never applied: it is undone, the lr halved, and only after
+a few such steps does training give up.
 
 Under torchrun each process passes its own shard of the batches and the model is wrapped in
 DistributedDataParallel: gradients are averaged over the processes, so a step sees the batches of
@@ -33,6 +37,7 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -42,13 +47,18 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from . import distributed
+from . import distributed, training_state
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
-from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError, first_line
 from .layers import _SeparableConvNd
+from .plan import plan_of
+from .precision import Precision
+from .precision import check as check_autocast
 from .probe import cannot_run, describe_inputs, eval_mode
 from .progress import progress_bar
+from .schedule import Schedule
+from .validation import History, attach, evaluate, format_row
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ LOSSES = ("auto", "kl", "mse")
 OPTIMIZERS = ("adamw", "sgd")
 TRAINABLE = ("all", "separable")
 DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 1e-4}
+NONFINITE_LR_FACTOR = 0.5  # after a non-finite step, the rest of the run trains at half the lr
 
 LossFn = Callable[[Any, Optional[Any], Optional[Tensor]], Tensor]
 TrainableSpec = Union[str, Callable[[str, nn.Parameter], bool]]
@@ -77,6 +88,14 @@ def finetune(
     optimizer: str = "adamw",
     weight_decay: Optional[float] = None,
     clip_grad_norm: Optional[float] = 1.0,
+    warmup: float = 0.05,
+    val_data: Optional[Iterable] = None,
+    val_every: Optional[int] = None,
+    autocast: Optional[str] = None,
+    nonfinite_retries: int = 3,
+    save_state: Union[str, "os.PathLike[str]", None] = None,
+    save_every: Optional[int] = None,
+    resume: Union[str, "os.PathLike[str]", None] = None,
     verbose: bool = True,
 ) -> nn.Module:
     """Train `model` (usually the output of `convsep.convert`) in place and return it in eval mode.
@@ -90,9 +109,10 @@ def finetune(
         device, a copy is moved). Without a teacher, every batch must carry targets.
     epochs: passes over `data`. steps: if given, train exactly this many steps instead, cycling over
         `data` as often as needed (epochs is then ignored).
-    lr: peak learning rate, decayed to 0 by a cosine schedule over the run. The schedule needs the
-        number of steps: `steps`, or `epochs * len(data)`; data without `len()` trains at a constant lr.
-        1e-3 suits AdamW; give SGD a larger one (e.g. 0.01 to 0.1).
+    lr: peak learning rate, reached after a linear warmup and decayed to 0 by a cosine schedule over the
+        run (convsep.schedule). The schedule needs the number of steps: `steps`, or `epochs * len(data)`;
+        data without `len()` trains at a constant lr. 1e-3 suits AdamW; give SGD a larger one (e.g. 0.01 to 0.1).
+    warmup: the fraction of the run's steps spent raising the lr linearly to its peak (0: none).
     loss: "kl" (classifier: KL at `temperature` against the teacher, cross-entropy against targets),
         "mse" (any output: mean squared error against both), "auto" ("kl" when the output is 2-d with
         at least two columns, else "mse"), or a callable `(student_out, teacher_out, targets) -> scalar`
@@ -107,25 +127,45 @@ def finetune(
     optimizer: "adamw" (default) or "sgd" (momentum 0.9). weight_decay: default 0.01 for AdamW, 1e-4
         for SGD; never applied to depthwise filters, biases or normalisation parameters.
     clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
+    val_data: validation batches (like `data`). The objective (and accuracy, when they carry class labels)
+        is evaluated on them before training, after every epoch and every `val_every` steps, and the state
+        with the lowest validation loss is returned: the starting state included, so the result is never
+        worse on them than the model given. The history (step, epoch, train loss, validation loss and
+        accuracy, lr) is kept in `model.convsep_plan.finetune` (saved with the checkpoint), or in
+        `model.convsep_finetune` for a model without a conversion plan; verbose prints it.
+    autocast: "bf16" (CPU or GPU) or "fp16" (CUDA, with a gradient scaler) runs the forward passes in that
+        precision; weights, optimiser and loss stay in float32. None (default): float32 throughout.
+    nonfinite_retries: how many times a step with a NaN or infinite loss or gradient is undone (the model,
+        its buffers and the optimiser stay as after the last good step), the batch skipped and the lr
+        halved for the rest of the run, before giving up with `NonFiniteLossError`. Each time is logged.
+    save_state, save_every: write a training checkpoint (model, optimiser, schedule, position in the data,
+        random generators, history) to `save_state` after every epoch and, if given, every `save_every`
+        steps (atomically; rank 0 only). resume: a training checkpoint to continue from: the same call with
+        the same data then ends where the uninterrupted run would have.
     verbose: a tqdm progress bar (loss, steps/s) on a terminal; quiet when stderr is not a TTY, when
         verbose=False, or when tqdm (the `progress` extra) is not installed.
 
-    A step whose loss or gradient is NaN or infinite stops training with `NonFiniteLossError` naming the
-    step, before the optimiser runs: the model keeps the weights and buffers (norm statistics) of the
-    last finite step. Bad batches raise `InputShapeError`; data that yields no batch `ConvsepValueError`.
+    A step whose loss or gradient is NaN or infinite is never applied (see nonfinite_retries); when training
+    gives up, the model keeps the weights and buffers (norm statistics) of the last finite step. Bad batches
+    raise `InputShapeError` (validation batches too, named so); data that yields no batch `ConvsepValueError`.
 
     In a torch.distributed process group (torchrun), `data` is this process's shard and training is
     data-parallel (see the module docstring); the progress bar and log lines come from rank 0 only.
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
         _check_arguments(
-            model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
+            model, data, teacher, epochs, steps, lr, warmup, loss, temperature, alpha, optimizer, weight_decay, clip_grad_norm
         )
+        _check_run_options(val_data, val_every, autocast, nonfinite_retries, save_state, save_every)
         device = parse_device(device) if device is not None else device_of(model)
-        model.to(device)
         named = _trainable_parameters(model, trainable)
         if teacher is not None:
             _check_teacher(model, teacher)
+        precision = Precision(autocast, device)
+        resumed = training_state.load(resume, _structure(model)) if resume is not None else None
+        # Only now, with every argument checked, is anything moved.
+        model.to(device)
+        if teacher is not None:
             teacher = on_device(teacher, device)
     trained_names = ",".join(name for name, _ in named)
     distributed.same_everywhere(distributed.fingerprint(model, teacher, extra=trained_names), "models")
@@ -134,10 +174,21 @@ def finetune(
     total = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
     opt = _make_optimizer(optimizer, _parameter_groups(model, named, decay), lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total)) if total else None
+    schedule = Schedule(opt, lr, total, warmup)
     if total is None:
         log.info("data has no len() and steps is None: training at a constant lr of %g", lr)
     objective = _Objective(loss, temperature, alpha)
+    history, position = History(), training_state.Position()
+    run = {"rollbacks": 0, "applied": 0}  # steps undone for a non-finite value; steps applied
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        if precision.scaler is not None and resumed.get("scaler"):
+            precision.scaler.load_state_dict(resumed["scaler"])
+        history.load_state_dict(resumed["history"])
+        position.load(resumed["position"], resumed["rng"])
+        run.update(resumed["run"])
     params = [p for _, p in named]
     frozen = _freeze_all_but(model, params)
     buffers = _BufferBackup(model)
@@ -150,51 +201,119 @@ def finetune(
     _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
     student = _data_parallel(model, device)
     bar = progress_bar(total, verbose, "finetune", "step")
+    full_precision = Precision(None, device)
+    since = [0.0, 0]  # train loss summed over the steps since the last evaluation, and their count
+
+    def validate() -> None:
+        if val_data is None or (history.records and history.records[-1]["step"] == position.step):
+            return
+        distributed.broadcast_tensors(model.buffers())  # every process evaluates with the same running statistics
+        with eval_mode(model), torch.no_grad():  # the unwrapped model: no DDP hooks, no collectives per batch
+            evaluation = evaluate(val_data, lambda batch, where: _batch_loss(
+                model, teacher, objective, batch, where, device, full_precision))  # fmt: skip
+        trained = torch.tensor(since, dtype=torch.float64)
+        distributed.all_sum([trained])  # the mean over every process's batches, the same number everywhere
+        train_loss = float(trained[0] / trained[1]) if trained[1] else None
+        row = history.add(model, evaluation, step=position.step, epoch=position.epoch_of_last_step, train_loss=train_loss, lr=schedule.lr)
+        since[:] = [0.0, 0]
+        log.info("%s", format_row(row))
+        if verbose:
+            (bar.write if bar is not None else print)(format_row(row))
+
+    def checkpoint() -> None:
+        if save_state is None:
+            return
+        rngs = distributed.gather(position.rng())  # a collective: every process reaches it at the same step
+        with distributed.together():  # a failed write on rank 0 (a full disk) stops the others too, not hangs them
+            training_state.save(save_state, {
+                "fingerprint": _structure(model), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": schedule.state_dict(), "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "history": history.state_dict(), "position": position.state(), "rng": rngs, "run": dict(run),
+            })  # fmt: skip
+
     try:
-        step, epoch, epoch_loss, epoch_steps = 0, 0, 0.0, 0
-        for batch_epoch, batch in _epochs(data, epochs, steps):
-            if batch_epoch != epoch:
-                epoch, epoch_loss, epoch_steps = batch_epoch, 0.0, 0
-            step += 1
+        if resumed is None:
+            validate()  # the starting state: the one to beat
+        for batch in _epochs(data, epochs, steps, position):
+            if batch is END_OF_EPOCH:
+                validate()
+                checkpoint()
+                continue
+            position.step += 1
+            step = position.step
             buffers.save()
             opt.zero_grad(set_to_none=True)
+            applied = False
             try:
                 # Everything up to the loss may fail on one process only: all of them hear of it before the
                 # backward pass, whose gradient all-reduce would otherwise wait for the failed one forever.
+                # A non-finite loss raises in there too, so every process undoes the step together.
                 with distributed.together():
-                    inputs, targets = (to_device(part, device) for part in split_batch(batch, f"batch {step}"))
-                    student_out = _run(student, inputs, step, "model")
-                    teacher_out = None
-                    if teacher is not None and objective.wants_teacher(targets is not None):
-                        with torch.no_grad():
-                            teacher_out = _run(teacher, inputs, step, "teacher")
-                    value = objective(student_out, teacher_out, targets, step)
-                    _check_finite(value, "loss", step, total, epoch, lr)
-                value.backward()
+                    value, _, _ = _batch_loss(student, teacher, objective, batch, f"batch {step}", device, precision)
+                    _check_finite(value, "loss", step, total, position.epoch, schedule.lr, run["rollbacks"])
+                scaler = precision.scaler
+                (scaler.scale(value) if scaler is not None else value).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 norm = nn.utils.clip_grad_norm_(params, clip_grad_norm or math.inf)
-                _check_finite(norm, "gradient norm", step, total, epoch, lr)
+                if scaler is None:  # the same gradients on every process after DDP's all-reduce: the same verdict
+                    _check_finite(norm, "gradient norm", step, total, position.epoch, schedule.lr, run["rollbacks"])
+                    opt.step()
+                else:  # float16: the scaler skips steps with overflowing gradients and lowers its scale
+                    scaler.step(opt)
+                    scaler.update()
+                applied = True
+            except NonFiniteLossError as error:
+                opt.zero_grad(set_to_none=True)
+                buffers.restore()
+                if run["rollbacks"] >= nonfinite_retries:
+                    raise
+                run["rollbacks"] += 1
+                schedule.lower(NONFINITE_LR_FACTOR)
+                if distributed.is_main():
+                    log.warning(
+                        "%s. Undone and skipped (%d of %d allowed); the lr is now %g of the schedule",
+                        first_line(error).split(". ")[0], run["rollbacks"], nonfinite_retries, schedule.scale,
+                    )  # fmt: skip
             except BaseException:
                 opt.zero_grad(set_to_none=True)
                 buffers.restore()
                 raise
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            loss_value = value.item()
-            epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
+            schedule.step()
+            if applied:
+                loss_value = value.item()
+                run["applied"] += 1
+                since[0], since[1] = since[0] + loss_value, since[1] + 1
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", epoch=position.epoch, refresh=False)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)
-        if step == 0:
+            if val_every and step % val_every == 0:
+                validate()
+            if save_every and step % save_every == 0:
+                checkpoint()
+        if position.step == 0:
             whose = "data" if not distributed.active() else "the data of at least one process"
             raise ConvsepValueError(
                 f"{whose} yielded no batches ({type(data).__name__} was empty here): pass an iterable of input "
                 "tensors or (inputs, targets) tuples"
             )
+        if run["applied"] == 0:
+            raise NonFiniteLossError(
+                f"every one of the {position.step} steps had a NaN or infinite loss or gradient: the model was not "
+                "changed. Look for NaN/inf in the data, or lower lr"
+            )
+        validate()  # a run of `steps` may end inside an epoch
+        if history.restore_best(model):
+            log.info("kept the state of step %d (lowest validation loss %.4f)", history.best_step, history.best_loss)
+            if verbose:
+                print(f"kept the state of step {history.best_step}: its validation loss {history.best_loss:.4f} is the lowest")
         if distributed.is_main():
-            log.info("fine-tuned %d steps; mean loss of the last epoch %.4f", step, epoch_loss / max(epoch_steps, 1))
+            log.info("fine-tuned %d steps (%d undone)", position.step, run["rollbacks"])
         # Running statistics were updated by each process's own batches: end with rank 0's everywhere.
         distributed.broadcast_tensors(model.buffers())
+        if val_data is not None:
+            attach(model, {**history.summary(), "steps": position.step, "rollbacks": run["rollbacks"]})
     finally:
         if bar is not None:
             bar.close()
@@ -203,6 +322,26 @@ def finetune(
             p.requires_grad_(True)
         model.eval()
     return model
+
+
+def _batch_loss(module, teacher, objective, batch, where: str, device, precision: Precision):
+    """(loss, the module's output, targets) of one batch; the teacher runs without autograd."""
+    inputs, targets = (to_device(part, device) for part in split_batch(batch, where))
+    with precision.forward():
+        out = _run(module, inputs, where, "model")
+        teacher_out = None
+        if teacher is not None and objective.wants_teacher(targets is not None):
+            with torch.no_grad():
+                teacher_out = _run(teacher, inputs, where, "teacher")
+    out, teacher_out = precision.as_float(out), precision.as_float(teacher_out)
+    return objective(out, teacher_out, targets, where), out, targets
+
+
+def _structure(model: nn.Module) -> str:
+    """What a training checkpoint must match to be resumed: parameter names and shapes, converted layers and ranks."""
+    plan = plan_of(model)
+    layers = ";".join(f"{d.name}>{d.module}@{d.rank}" for d in plan.converted) if plan is not None else ""
+    return distributed.fingerprint(model, extra=layers)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature: float = 2.0) -> Tensor:
@@ -237,7 +376,7 @@ class _Objective:
     def wants_teacher(self, has_targets: bool) -> bool:
         return self.custom is not None or not has_targets or self.alpha > 0
 
-    def __call__(self, out: Any, teacher_out: Any, targets: Optional[Tensor], step: int) -> Tensor:
+    def __call__(self, out: Any, teacher_out: Any, targets: Optional[Tensor], where: str) -> Tensor:
         if self.custom is not None:
             value = self.custom(out, teacher_out, targets)
             if not isinstance(value, Tensor) or value.numel() != 1:
@@ -250,7 +389,7 @@ class _Objective:
             )
         if teacher_out is None and targets is None:
             raise ConvsepValueError(
-                f"batch {step} carries no targets and no teacher was given: pass teacher=the original model, "
+                f"{where} carries no targets and no teacher was given: pass teacher=the original model, "
                 "or batches (inputs, targets)"
             )
         if self.kind is None:
@@ -260,12 +399,12 @@ class _Objective:
         if teacher_out is not None:
             if not isinstance(teacher_out, Tensor) or teacher_out.shape != out.shape:
                 raise ConvsepValueError(
-                    f"batch {step}: the teacher's output is {describe_inputs(teacher_out)} but the student's is "
+                    f"{where}: the teacher's output is {describe_inputs(teacher_out)} but the student's is "
                     f"{describe_inputs(out)}: the teacher must be the model the student was converted from"
                 )
             soft = distillation_loss(out, teacher_out.to(out.dtype), self.kind, self.temperature)
         if targets is not None and (soft is None or self.alpha < 1):
-            _check_targets(out, targets, self.kind, step)
+            _check_targets(out, targets, self.kind, where)
             hard = target_loss(out, targets, self.kind)
         if soft is None:
             return hard
@@ -274,57 +413,65 @@ class _Objective:
         return self.alpha * soft + (1 - self.alpha) * hard
 
 
-def _check_targets(out: Tensor, targets: Tensor, kind: str, step: int) -> None:
+def _check_targets(out: Tensor, targets: Tensor, kind: str, where: str) -> None:
     if not isinstance(targets, Tensor):
-        raise ConvsepTypeError(f"batch {step}: targets must be a tensor, got {type(targets).__name__}")
+        raise ConvsepTypeError(f"{where}: targets must be a tensor, got {type(targets).__name__}")
     class_indices = kind == "kl" and not targets.is_floating_point()
     expected = tuple(out.shape[:1]) if class_indices else tuple(out.shape)
     if tuple(targets.shape) != expected:
         what = "class indices" if class_indices else "targets"
         raise InputShapeError(
-            f"batch {step}: {what} of shape {tuple(targets.shape)} do not fit the model's output of shape "
+            f"{where}: {what} of shape {tuple(targets.shape)} do not fit the model's output of shape "
             f"{tuple(out.shape)}: expected shape {expected}"
         )
     if class_indices and targets.numel():
         low, high, classes = int(targets.min()), int(targets.max()), out.shape[1]
         if low < 0 or high >= classes:
             raise ConvsepValueError(
-                f"batch {step}: class index {low if low < 0 else high} is outside [0, {classes}) "
+                f"{where}: class index {low if low < 0 else high} is outside [0, {classes}) "
                 f"for a model with {classes} outputs"
             )
 
 
-def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float) -> None:
+def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float, undone: int) -> None:
     if torch.isfinite(value):
         return
-    kept = f"the weights of step {step - 1}" if step > 1 else "its weights from before fine-tuning"
+    kept = "the weights of the last finite step" if step > 1 else "its weights from before fine-tuning"
+    before = f" ({undone} earlier step(s) undone already)" if undone else ""
     raise NonFiniteLossError(
         f"fine-tuning stopped at step {step}{f' of {total}' if total else ''} (epoch {epoch}): the {what} is "
-        f"{value.item()}; the model keeps {kept}. Lower lr (now {lr:g}), clip gradients, or look for NaN/inf in the data"
+        f"{value.item()}{before}. The model keeps {kept}. Lower lr (now {lr:g}), clip gradients, or look for "
+        "NaN/inf in the data"
     )
 
 
-def _run(module: nn.Module, inputs: Any, step: int, who: str) -> Any:
+def _run(module: nn.Module, inputs: Any, where: str, who: str) -> Any:
     args = as_args(inputs)
     try:
         return module(*args)
     except ConvsepError:
         raise
     except Exception as err:  # the user's model can reject inputs in any way (shape asserts, ValueError, ...)
-        raise cannot_run(f"batch {step}", who, args, err) from err
+        raise cannot_run(where, who, args, err) from err
 
 
 _END = object()
+END_OF_EPOCH = object()  # what _epochs yields between epochs: time to validate and save
 
 
-def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) pairs: `epochs` passes over data, or exactly `steps` batches cycling over it.
+def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: training_state.Position) -> Iterator[Any]:
+    """The batches of `epochs` passes over data (or of exactly `steps` steps, cycling over it), with
+    END_OF_EPOCH after each pass; from `position`, so a resumed run replays the batches it had taken.
 
     With several processes, an epoch ends on all of them as soon as one has no batch left.
     """
-    taken, epoch = 0, 0
-    while steps is not None or epoch < epochs:
-        epoch += 1
+    while steps is not None or position.epoch <= epochs:
+        skip = position.index  # > 0 only for the first epoch of a resumed run
+        if skip and position.rng_at_epoch_start is not None:
+            now = training_state.rng_state()
+            training_state.set_rng_state(position.rng_at_epoch_start)  # the same shuffled order as before
+        else:
+            now, position.rng_at_epoch_start = None, training_state.rng_state()
         yielded = 0
         with distributed.together():
             batches = iter(data)
@@ -336,21 +483,32 @@ def _epochs(data: Iterable, epochs: int, steps: Optional[int]) -> Iterator[tuple
                     log.warning(
                         "rank %d: another process ran out of batches, so epoch %d ended after %d steps; this "
                         "process's remaining batches were not used (give every process as many batches)",
-                        distributed.rank(), epoch, yielded,
+                        distributed.rank(), position.epoch, yielded,
                     )  # fmt: skip
                 break
-            yielded, taken = yielded + 1, taken + 1
-            yield epoch, batch
-            if steps is not None and taken >= steps:
+            yielded += 1
+            if yielded <= skip:
+                continue  # trained on before the run was interrupted
+            if now is not None:
+                training_state.set_rng_state(now)
+                now = None
+            position.index, position.epoch_of_last_step = yielded, position.epoch
+            yield batch
+            if steps is not None and position.step >= steps:
                 return
+        if now is not None:
+            training_state.set_rng_state(now)
         if yielded == 0:
-            if epoch > 1:
+            if position.epoch > 1:
                 warnings.warn(
-                    f"data yielded no batches in epoch {epoch}: stopped after {taken} steps. A one-shot iterator or "
-                    "generator can be read only once; pass a list or a re-iterable (such as a DataLoader) to train longer",
+                    f"data yielded no batches in epoch {position.epoch}: stopped after {position.step} steps. A one-shot "
+                    "iterator or generator can be read only once; pass a list or a re-iterable (such as a DataLoader) "
+                    "to train longer",
                     stacklevel=3,
                 )
             return
+        position.epoch, position.index = position.epoch + 1, 0
+        yield END_OF_EPOCH
 
 
 def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[int]:
@@ -386,10 +544,6 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     # Newer torch names the switch forward_sync_buffers (buffers still sync once, at construction).
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, **{no_sync: False})
-
-
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 def _trainable_parameters(model: nn.Module, trainable: TrainableSpec) -> list[tuple[str, nn.Parameter]]:
@@ -482,7 +636,25 @@ def _check_teacher(model: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def _check_arguments(model, data, teacher, epochs, steps, lr, loss, temperature, alpha, optimizer, weight_decay, clip):
+def _check_run_options(val_data, val_every, autocast, nonfinite_retries, save_state, save_every) -> None:
+    if val_data is not None and (
+        isinstance(val_data, (Tensor, str, bytes)) or not (hasattr(val_data, "__iter__") or hasattr(val_data, "__getitem__"))
+    ):
+        raise ConvsepTypeError(f"val_data must be an iterable of batches (a list, a DataLoader, ...), got {type(val_data).__name__}")
+    for name, value in (("val_every", val_every), ("save_every", save_every), ("nonfinite_retries", nonfinite_retries)):
+        minimum = 0 if name == "nonfinite_retries" else 1
+        if value is None and name != "nonfinite_retries":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConvsepValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if val_every is not None and val_data is None:
+        raise ConvsepValueError(f"val_every={val_every} needs val_data: the batches to validate on")
+    if save_every is not None and save_state is None:
+        raise ConvsepValueError(f"save_every={save_every} needs save_state: the path of the training checkpoint")
+    check_autocast(autocast)
+
+
+def _check_arguments(model, data, teacher, epochs, steps, lr, warmup, loss, temperature, alpha, optimizer, weight_decay, clip):
     if not isinstance(model, nn.Module):
         raise ConvsepTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
@@ -497,6 +669,8 @@ def _check_arguments(model, data, teacher, epochs, steps, lr, loss, temperature,
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConvsepValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise ConvsepValueError(f"warmup must be a fraction of the steps in [0, 1), got {warmup!r}")
     for name, value in (("lr", lr), ("temperature", temperature), ("clip_grad_norm", clip)):
         if value is None and name == "clip_grad_norm":
             continue

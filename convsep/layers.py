@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import ReadOnlyAttributeError
+from .errors import ConvsepTypeError, ConvsepValueError, ReadOnlyAttributeError, error_summary
 from .parametrized import folded_conv, parametrization
 from .factorize import channel_svd, compose, factors_from_svd, full_rank
 
@@ -63,19 +63,26 @@ class _SeparableConvNd(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int (the depth multiplier), got {rank!r}")
+            raise ConvsepValueError(f"{name}: rank must be a positive int (the depth multiplier), got {rank!r}")
+        for what, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConvsepValueError(f"{name}: {what} must be a positive int, got {value!r}")
         if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            raise ConvsepValueError(
+                f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         self.rank = rank
         hidden = in_channels * rank
-        self.depthwise = self.conv_type(
-            in_channels, hidden, kernel_size, stride, padding, dilation,
-            groups=in_channels, bias=False, padding_mode=padding_mode, device=device, dtype=dtype,
-        )  # fmt: skip
-        self.pointwise = self.conv_type(hidden, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
+        try:  # torch checks the rest (kernel_size, stride, padding, padding_mode, ...): its errors, as ours
+            self.depthwise = self.conv_type(
+                in_channels, hidden, kernel_size, stride, padding, dilation,
+                groups=in_channels, bias=False, padding_mode=padding_mode, device=device, dtype=dtype,
+            )  # fmt: skip
+            self.pointwise = self.conv_type(hidden, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ConvsepValueError(f"{name}: {error_summary(error)}") from None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(self.depthwise(x))
@@ -179,9 +186,9 @@ class _SeparableConvNd(nn.Module):
         The new modules keep conv's dtype, device, requires_grad and train/eval mode.
         """
         if not isinstance(conv, cls.conv_type):
-            raise TypeError(f"{cls.__name__}.from_conv expects an nn.{cls.conv_type.__name__}, got {type(conv).__name__}")
+            raise ConvsepTypeError(f"{cls.__name__}.from_conv expects an nn.{cls.conv_type.__name__}, got {type(conv).__name__}")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+            raise ConvsepValueError(f"{cls.__name__}.from_conv: init must be one of {INITS}, got {init!r}")
         if parametrization(conv):  # weight norm, spectral norm: build from the weight it computes, read without side effects
             conv = folded_conv(conv)
         weight = conv.weight
@@ -189,7 +196,7 @@ class _SeparableConvNd(nn.Module):
         if rank == "full":
             rank = cap
         elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
+            raise ConvsepValueError(f"{cls.__name__}.from_conv: rank must be a positive int or 'full', got {rank!r}")
         svd = channel_svd(weight, conv.groups) if init == "svd" else None
         return cls._build(conv, min(rank, cap), svd)
 

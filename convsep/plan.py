@@ -49,6 +49,7 @@ class ConversionPlan:
     calibration: Optional[dict[str, Any]] = None  # calibrate(): data used, settings, per-layer output errors
     parametrized: str = "fold"  # convert(parametrized=...): fold computed weights into pairs, or keep such convs
     activations: Optional[dict[str, Any]] = None  # the input statistics pass: ridge, positions seen
+    finetune: Optional[dict[str, Any]] = None  # finetune(): its history (per evaluation) and the best step
 
     @property
     def converted(self) -> list[LayerDecision]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,6 +38,14 @@ def data_dir() -> Path:
 def available() -> bool:
     """Whether all four IDX files are where `data_dir()` says."""
     return all((data_dir() / name).is_file() for pair in FILES.values() for name in pair)
+
+
+def missing() -> bool:
+    """True, after saying where the data was looked for and how to install it (on stderr), when it is not there."""
+    if available():
+        return False
+    print(f"Fashion-MNIST not found in {data_dir()}: {INSTALL_HINT}", file=sys.stderr)
+    return True
 
 
 def read_idx(path: Path) -> Tensor:

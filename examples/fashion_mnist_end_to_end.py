@@ -94,8 +94,7 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if not fashion_mnist.available():
-        print(f"Fashion-MNIST not found in {fashion_mnist.data_dir()}: {fashion_mnist.INSTALL_HINT}", file=sys.stderr)
+    if fashion_mnist.missing():
         return 1
     verbose = not args.quiet
     quick = {"epochs": 4, "finetune_epochs": 3, "width": 16, "batch_size": 32}

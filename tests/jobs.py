@@ -103,6 +103,22 @@ def finetune_sharded(folder: str) -> None:
     save(folder, {"state": student.state_dict()})
 
 
+def validation_batches() -> list:
+    """Four batches the training batches do not include."""
+    return batches(10)[6:]
+
+
+VALIDATED = {"epochs": 2, "lr": 1e-2, "alpha": 1.0, "warmup": 0.0, "val_every": 1}  # the best state is step 3 of 6
+
+
+def finetune_validated(folder: str) -> None:
+    """Validation every step on sharded validation batches: every rank must keep the same best state."""
+    student, teacher = _student_and_teacher()
+    convsep.finetune(student, shard(batches(6)), teacher=teacher, val_data=shard(validation_batches()), verbose=False,
+                     **VALIDATED)  # fmt: skip
+    save(folder, {"state": student.state_dict(), "finetune": student.convsep_plan.finetune})
+
+
 def finetune_unequal_shards(folder: str) -> None:
     """Seven batches: rank 0 gets four, rank 1 three; every rank trains three steps."""
     student, teacher = _student_and_teacher()
@@ -126,8 +142,22 @@ def finetune_nan_on_rank_1(folder: str) -> None:
     if dist.get_rank() == 1:
         x, y = data[1]
         data[1] = (torch.full_like(x, float("nan")), y)
-    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, verbose=False))
+    # no second chance: the step is not undone and retried, training stops there
+    record_error(folder, lambda: convsep.finetune(student, data, teacher=teacher, nonfinite_retries=0, verbose=False))
     save(folder, {"state": student.state_dict()})
+
+
+def finetune_nan_on_rank_1_undone(folder: str) -> None:
+    """A NaN in rank 1's second batch: every rank undoes step 2, halves the lr and goes on."""
+    student, teacher = _student_and_teacher()
+    convsep.finetune(student, shard(batches_with_a_nan()), teacher=teacher, lr=1e-2, verbose=False)
+    save(folder, {"state": student.state_dict()})
+
+
+def batches_with_a_nan() -> list:
+    data = batches(6)
+    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])  # rank 1's second batch
+    return data
 
 
 def finetune_bad_batch_on_rank_0(folder: str) -> None:

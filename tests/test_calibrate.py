@@ -276,3 +276,13 @@ def test_progress_bar_on_a_terminal_and_silent_fallback_without_tqdm(monkeypatch
     captured = capsys.readouterr()
     assert "calibrated 1:" in captured.out
     assert ("calibrating" in captured.err) == has_tqdm
+
+
+def test_non_finite_data_stops_calibration_with_a_clear_error_and_no_nan_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    converted = convsep.convert(model, rank=1)
+    data = [torch.randn(2, 3, 8, 8), torch.full((2, 3, 8, 8), float("inf"))]
+    with pytest.raises(convsep.ConvsepValueError, match="calibrating '0': .* NaN or inf"):
+        convsep.calibrate(converted, model, data)
+    assert all(bool(torch.isfinite(p).all()) for p in converted.parameters())

@@ -538,6 +538,28 @@ def batches():
 
 def nan_batches():
     return [torch.full((8, 1, 28, 28), float("nan"))]
+
+def labelled():
+    torch.manual_seed(2)
+    return [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(2)]
+
+class _DiesInEpoch2:  # batches(), except that the run is killed (an error) when it asks for epoch 2's first batch
+
+    def __init__(self):
+        self.data, self.taken = batches(), 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            if self.taken == len(self.data):
+                raise RuntimeError("killed")
+            self.taken += 1
+            yield batch
+
+def dies_in_epoch_2():
+    return _DiesInEpoch2()
 """
 
 
@@ -592,7 +614,9 @@ def test_finetune_passes_its_options_on(work, capsys, monkeypatch):
     assert len(seen.pop("data")) == 4 and isinstance(seen.pop("teacher"), nn.Module)
     assert seen == {
         "epochs": 1, "steps": 7, "lr": 0.02, "alpha": 0.25, "temperature": 4.0, "optimizer": "sgd",
-        "device": "cpu", "trainable": "separable", "verbose": False,
+        "device": "cpu", "trainable": "separable", "verbose": False, "warmup": 0.05, "val_data": None,
+        "val_every": None, "autocast": None, "save_state": f"{work / 'ft.pt'}.training.pt", "save_every": None,
+        "resume": None,
     }  # fmt: skip
 
 
@@ -604,6 +628,60 @@ def test_finetune_rejects_bad_options_in_one_line(work, capsys):
         code, _, err = run(argv + bad, capsys)
         assert code == 1 and err.startswith("convsep: error:") and says in err and len(err.strip().splitlines()) == 1, err
         assert not (work / "ft.pt").exists()
+
+
+def test_finetune_data_errors_name_the_data_option(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    argv = ["finetune", sep, "-o", work / "ft.pt", "--teacher", work / "in.pt", "--model", spec(work)]
+    code, _, err = run(argv + ["--data", "no-colon-here"], capsys)
+    assert code == 1 and "--data 'no-colon-here' is neither" in err and "--calibrate-with" not in err, err
+
+
+def _finetune_argv(work, sep, out="ft.pt", data="batches"):
+    return ["finetune", sep, "-o", work / out, "--teacher", work / "in.pt", "--model", spec(work),
+            "--data", f"{work / 'train.py'}:{data}", "--epochs", "2", "--lr", "3e-3"]  # fmt: skip
+
+
+def test_finetune_with_val_data_writes_the_history_into_the_checkpoint(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    code, _, err = run(_finetune_argv(work, sep) + ["--val-data", f"{work / 'train.py'}:labelled"], capsys)
+    assert code == 0, err
+    record = convsep.load(work / "ft.pt").plan.finetune
+    assert [r["step"] for r in record["history"]] == [0, 4, 8] and record["history"][0]["val_accuracy"] is not None
+    assert "kept step" in err
+
+
+def test_finetune_resume_continues_a_killed_run_to_the_uninterrupted_result(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    assert run(_finetune_argv(work, sep, out="whole.pt"), capsys)[0] == 0
+    with pytest.raises(RuntimeError, match="killed"):  # the job dies in epoch 2, after the state of epoch 1 was saved
+        run(_finetune_argv(work, sep, data="dies_in_epoch_2"), capsys)
+    assert not (work / "ft.pt").exists()
+    state = work / "ft.pt.training.pt"
+    code, _, err = run(_finetune_argv(work, sep) + ["--resume", state], capsys)
+    assert code == 0, err
+    whole, resumed = convsep.load(work / "whole.pt").state_dict, convsep.load(work / "ft.pt").state_dict
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_finetune_resume_with_the_state_of_another_model_is_one_error_and_writes_nothing(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    assert run(_finetune_argv(work, sep, out="whole.pt"), capsys)[0] == 0
+    state = work / "whole.pt.training.pt"
+    saved = state.read_bytes()
+    code, _, err = run(_convert(work, out="other.pt") + ["--rank", "2"], capsys)
+    assert code == 0, err
+    code, _, err = run(_finetune_argv(work, work / "other.pt") + ["--resume", state], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "training state of another model" in err, err
+    assert state.read_bytes() == saved and not (work / "ft.pt").exists()
+
+
+def test_a_new_finetune_run_does_not_overwrite_a_training_state_unasked(work, capsys):
+    sep = _converted_checkpoint(work, capsys)
+    (work / "ft.pt.training.pt").write_bytes(b"an earlier run")
+    code, _, err = run(_finetune_argv(work, sep), capsys)
+    assert code == 1 and "ft.pt.training.pt exists" in err
+    assert (work / "ft.pt.training.pt").read_bytes() == b"an earlier run"
 
 
 def test_finetune_needs_a_teacher(work, capsys):

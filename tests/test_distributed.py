@@ -99,6 +99,21 @@ def test_data_parallel_finetuning_equals_one_process_on_the_global_batches(tmp_p
     assert relative_error(states[0]["0.pointwise.weight"], untrained.state_dict()["0.pointwise.weight"]) > 1e-3
 
 
+def test_validation_keeps_the_same_best_state_on_every_rank_as_one_process(tmp_path):
+    succeeded(run_ranks("finetune_validated", tmp_path))
+    results = _results(tmp_path)
+    _assert_bitwise_same([r["state"] for r in results])
+    assert results[0]["finetune"] == results[1]["finetune"]  # the same numbers everywhere, so the same choice
+    student, teacher = _student_and_teacher()
+    data = batches(6)
+    convsep.finetune(student, _merged(zip(data[0::2], data[1::2])), teacher=teacher, val_data=jobs.validation_batches(),
+                     verbose=False, **jobs.VALIDATED)  # fmt: skip
+    alone = student.convsep_plan.finetune
+    assert results[0]["finetune"]["best_step"] == alone["best_step"] == 3
+    assert [r["val_loss"] for r in results[0]["finetune"]["history"]] == pytest.approx([r["val_loss"] for r in alone["history"]], rel=1e-6)
+    _assert_close(results[0]["state"], student.state_dict(), 1e-6)
+
+
 def test_ranks_end_with_the_same_batch_norm_statistics(tmp_path):
     succeeded(run_ranks("finetune_with_batch_norm", tmp_path))
     states = [r["state"] for r in _results(tmp_path)]
@@ -124,6 +139,14 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_error(tmp_path):
     states = [r["state"] for r in _results(tmp_path)]
     _assert_bitwise_same(states)  # both keep the weights of step 1
     assert all(torch.isfinite(v).all() for v in states[0].values())
+
+
+def test_a_nan_on_one_process_is_undone_on_every_process_as_in_one(tmp_path):
+    succeeded(run_ranks("finetune_nan_on_rank_1_undone", tmp_path))
+    states = [r["state"] for r in _results(tmp_path)]
+    _assert_bitwise_same(states)
+    data = jobs.batches_with_a_nan()
+    _assert_close(states[0], _finetuned_alone(_merged(zip(data[0::2], data[1::2]))), 1e-6)
 
 
 def test_a_batch_that_does_not_fit_on_rank_0_stops_rank_1_too(tmp_path):

@@ -123,9 +123,9 @@ def test_labels_and_teacher_combine_as_documented():
 
     from convsep.finetune import _Objective
 
-    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, step=1)
+    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, "batch 1")
     assert float(combined) == pytest.approx(expected, rel=1e-6)
-    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, 1)) == pytest.approx(float(soft))
+    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, "batch 1")) == pytest.approx(float(soft))
 
 
 def test_mse_is_chosen_for_outputs_that_are_not_logits():
@@ -133,7 +133,7 @@ def test_mse_is_chosen_for_outputs_that_are_not_logits():
 
     out, teacher_out = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     objective = _Objective("auto", 2.0, 0.5)
-    torch.testing.assert_close(objective(out, teacher_out, None, 1), nn.functional.mse_loss(out, teacher_out))
+    torch.testing.assert_close(objective(out, teacher_out, None, "batch 1"), nn.functional.mse_loss(out, teacher_out))
     assert objective.kind == "mse"
 
 
@@ -184,21 +184,40 @@ def test_quiet_when_stderr_is_not_a_terminal(capsys):
     assert captured.out == "" and captured.err == ""
 
 
-def test_steps_cycle_over_the_data_and_the_lr_follows_a_cosine():
+def test_steps_cycle_over_the_data():
     calls = []
 
     def counting(out, teacher_out, targets):
         calls.append(1)
         return out.square().mean()
 
-    model = nn.Linear(3, 2)
-    convsep.finetune(model, [torch.randn(2, 3)] * 2, steps=5, loss=counting, verbose=False)
+    convsep.finetune(nn.Linear(3, 2), [torch.randn(2, 3)] * 2, steps=5, loss=counting, verbose=False)
     assert len(calls) == 5
 
-    from convsep.finetune import _cosine
 
-    schedule = _cosine(10)
-    assert schedule(0) == 1.0 and schedule(10) == pytest.approx(0.0) and schedule(5) == pytest.approx(0.5)
+def lr_of_every_step(monkeypatch, **kwargs) -> list[float]:
+    """The lr the optimiser holds at each of its steps (a spy on AdamW.step) during one finetune call."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    convsep.finetune(nn.Linear(3, 2), [torch.randn(2, 3)], loss=square, verbose=False, **kwargs)
+    return seen
+
+
+def test_the_lr_warms_up_linearly_then_follows_a_cosine_to_zero(monkeypatch):
+    lrs = lr_of_every_step(monkeypatch, steps=20, lr=0.1, warmup=0.1)  # 2 warmup steps, 18 of cosine
+    expected = [0.1 / 3, 0.2 / 3] + [0.05 * (1 + math.cos(math.pi * s / 18)) for s in range(18)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_the_default_warmup_is_a_few_percent_of_the_steps(monkeypatch):
+    lrs = lr_of_every_step(monkeypatch, steps=40, lr=1.0)
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 5% of 40: two steps below the peak
 
 
 def test_a_one_shot_generator_gives_one_epoch_with_a_warning():
@@ -266,8 +285,8 @@ def test_a_nan_loss_stops_at_that_step_and_keeps_the_last_finite_weights():
     reference.load_state_dict(student.state_dict())
     # generators have no len(): both runs train at the same constant lr, so they must agree bitwise
     convsep.finetune(reference, (b for b in good), teacher=teacher, verbose=False)
-    with pytest.raises(convsep.NonFiniteLossError, match="step 3 .*loss is nan.*weights of step 2"):
-        convsep.finetune(student, (b for b in good + [bad]), teacher=teacher, verbose=False)
+    with pytest.raises(convsep.NonFiniteLossError, match="step 3 .*loss is nan.*weights of the last finite step"):
+        convsep.finetune(student, (b for b in good + [bad]), teacher=teacher, nonfinite_retries=0, verbose=False)
     assert_bitwise_equal(snapshot(reference), student)  # BN running statistics included
     assert not student.training
 
@@ -312,7 +331,12 @@ def test_the_fashion_mnist_example_runs_in_quick_mode(capsys):
         warnings.simplefilter("ignore")
         assert example.main(["--quick", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "original" in out and "fine-tuned" in out
+    accuracy = {step: float(value.split("%")[0]) for step, _, value in
+                (line.partition(": test accuracy ") for line in out.splitlines()) if value}  # fmt: skip
+    calibrated = accuracy["converted, budget 0.3 + calibration"]
+    tuned = accuracy["fine-tuned (3 epochs), budget 0.3 + calibration"]
+    assert accuracy["original"] > 40, accuracy  # ten classes: chance is 10%
+    assert tuned > calibrated + 5, accuracy  # fine-tuning wins accuracy back (measured: 54 -> 69%)
 
 
 def test_a_device_written_without_its_index_is_where_the_teacher_already_is():
@@ -321,3 +345,254 @@ def test_a_device_written_without_its_index_is_where_the_teacher_already_is():
     teacher = small_net()
     assert parse_device("cpu:0") == parse_device("cpu") == torch.device("cpu")
     assert on_device(teacher, parse_device("cpu:0")) is teacher  # no copy of a model already there
+
+
+def test_a_bad_argument_is_found_before_the_model_is_moved(monkeypatch):
+    model, moved = small_net(), []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moved.append(args))
+    for kwargs in ({"trainable": "some"}, {"teacher": model}):
+        with pytest.raises(convsep.ConvsepValueError):
+            convsep.finetune(model, [torch.randn(2, 3, 12, 12)], device="cpu", verbose=False, **kwargs)
+    assert moved == []
+
+
+# --- validation, keep-best, history ------------------------------------------------------------
+
+
+def labelled_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return small_net().eval()
+
+
+def test_with_validation_a_run_that_only_hurts_returns_the_model_it_was_given(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=2)
+    before = snapshot(student)
+    # lr 1.0 throws an already close model far away: every later state is worse on validation
+    convsep.finetune(student, batches, teacher=teacher, lr=1.0, epochs=2, val_data=chunks(held_x, held_y), verbose=False)
+    assert_bitwise_equal(before, student)
+    history = student.convsep_plan.finetune
+    assert history["best_step"] == 0 and [r["step"] for r in history["history"]] == [0, 16, 32]
+    assert all(r["val_loss"] > history["history"][0]["val_loss"] for r in history["history"][1:])
+
+
+def test_validation_keeps_the_state_with_the_lowest_validation_loss(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=1)
+    val = chunks(held_x, held_y)
+    convsep.finetune(student, batches, teacher=teacher, lr=3e-3, epochs=2, val_every=5, val_data=val, verbose=False)
+    history = student.convsep_plan.finetune["history"]
+    best = min(history, key=lambda r: r["val_loss"])
+    assert [r["step"] for r in history] == [0, 5, 10, 15, 16, 20, 25, 30, 32]
+    assert best["step"] == student.convsep_plan.finetune["best_step"] and best["step"] > 0
+    with torch.no_grad():  # the returned model is the one measured at that step (same objective, alpha 0.5)
+        loss = sum(float(_objective_on(student, teacher, x, y)) * len(x) for x, y in val) / len(held_x)
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def _objective_on(student, teacher, x, y):
+    from convsep.finetune import _Objective
+
+    return _Objective("auto", 2.0, 0.5)(student(x), teacher(x), y, "check")
+
+
+def test_the_history_records_accuracy_train_loss_and_lr(trained):
+    teacher, batches, held_x, held_y = trained
+    student = convsep.convert(teacher, rank=1)
+    with torch.no_grad():
+        start_accuracy = float((student(held_x).argmax(1) == held_y).float().mean())
+    convsep.finetune(student, batches, teacher=teacher, steps=6, lr=3e-3, warmup=0.0, val_data=chunks(held_x, held_y), verbose=False)
+    first, last = student.convsep_plan.finetune["history"]
+    assert first["val_accuracy"] == pytest.approx(start_accuracy) and first["train_loss"] is None
+    assert (last["step"], last["epoch"], last["lr"]) == (6, 1, pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 6 / 6))))
+    assert last["train_loss"] > 0
+
+
+def test_a_model_without_a_plan_keeps_its_history_on_itself():
+    x, y = quadrant_task(16, seed=3)
+    model = convsep.finetune(labelled_net(), chunks(x, y, 8), steps=2, val_data=chunks(x, y, 8), verbose=False)
+    assert [r["step"] for r in model.convsep_finetune["history"]] == [0, 2]
+
+
+def test_validation_batches_that_do_not_fit_are_named():
+    good, bad = torch.randn(4, 3, 12, 12), torch.randn(4, 5, 12, 12)
+    with pytest.raises(convsep.InputShapeError, match=r"validation batch 2: the model cannot run .*\(4, 5, 12, 12\)"):
+        convsep.finetune(small_net(), [good], teacher=small_net(), val_data=[good, bad], verbose=False)
+
+
+def test_verbose_prints_the_history(capsys):
+    x, y = quadrant_task(16, seed=3)
+    convsep.finetune(labelled_net(), chunks(x, y, 8), steps=2, val_data=chunks(x, y, 8), verbose=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation loss" in line]
+    assert len(lines) == 2 and lines[0].startswith("step 0 (epoch 1): validation loss") and "accuracy" in lines[0]
+
+
+# --- non-finite steps ---------------------------------------------------------------------------
+
+
+def test_a_nan_step_is_undone_and_skipped_and_the_lr_halved(monkeypatch):
+    torch.manual_seed(0)
+    good = [torch.randn(2, 3) for _ in range(3)]
+    data = [good[0], torch.full((2, 3), float("nan")), good[1], good[2]]
+    lrs = lr_of_every_step(monkeypatch, steps=4, lr=0.1, warmup=0.0)  # the closed form, without the NaN
+    monkeypatch.undo()
+    seen, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    model = nn.Linear(3, 2)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    convsep.finetune(model, data, loss=square, lr=0.1, warmup=0.0, verbose=False)
+    assert seen == pytest.approx([lrs[0], lrs[2] / 2, lrs[3] / 2])  # step 2 never reached the optimiser
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_after_the_allowed_retries_training_gives_up_with_the_last_finite_weights():
+    model = nn.Linear(3, 2)
+    nan = torch.full((2, 3), float("nan"))
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    reference = nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    convsep.finetune(reference, [torch.ones(2, 3)] + [nan] * 2, loss=square, nonfinite_retries=2, warmup=0.0, verbose=False)
+    with pytest.raises(convsep.NonFiniteLossError, match=r"step 4 .*loss is nan \(2 earlier step\(s\) undone"):
+        convsep.finetune(model, [torch.ones(2, 3)] + [nan] * 3, loss=square, nonfinite_retries=2, warmup=0.0, verbose=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught():
+    model = nn.Linear(3, 2)
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    root = lambda out, teacher_out, targets: out.abs().sqrt().sum()  # noqa: E731  (0 at 0; its gradient is not finite)
+    with pytest.raises(convsep.NonFiniteLossError, match="gradient norm is nan"):
+        convsep.finetune(model, [torch.ones(2, 3)], loss=root, nonfinite_retries=0, verbose=False)
+    assert bool((model.weight == 0).all()) and bool((model.bias == 0).all())
+
+
+def test_every_step_non_finite_is_an_error_and_leaves_the_model_as_it_was():
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    square = lambda out, teacher_out, targets: out.square().mean()  # noqa: E731
+    with pytest.raises(convsep.NonFiniteLossError, match="every one of the 2 steps"):
+        convsep.finetune(model, [torch.full((2, 3), float("inf"))] * 2, loss=square, verbose=False)
+    assert_bitwise_equal(before, model)
+
+
+# --- the teacher, clipping ---------------------------------------------------------------------
+
+
+def test_the_teacher_gets_no_gradients():
+    torch.manual_seed(0)
+    teacher = small_net().eval()
+    convsep.finetune(convsep.convert(teacher, rank=1), [torch.randn(4, 3, 12, 12)], teacher=teacher, steps=2, verbose=False)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_gradients_are_clipped_to_norm_1_by_default():
+    model = nn.Linear(3, 2)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    huge = lambda out, teacher_out, targets: 1e6 * out.sum()  # noqa: E731
+    convsep.finetune(model, [torch.ones(4, 3)], loss=huge, optimizer="sgd", lr=0.1, weight_decay=0.0, verbose=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float((after - before).norm()) == pytest.approx(0.1 * 1.0, rel=1e-4)
+
+
+# --- mixed precision ---------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_and_keeps_float32_weights(trained):
+    teacher, batches, held_x, _ = trained
+    student = convsep.convert(teacher, rank=1)
+    start = held_out_distillation_loss(student, teacher, held_x)
+    convsep.finetune(student, [x for x, _ in batches], teacher=teacher, lr=3e-3, autocast="bf16", verbose=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert held_out_distillation_loss(student, teacher, held_x) < 0.7 * start
+
+
+def test_fp16_autocast_needs_cuda_and_unknown_kinds_are_named():
+    data = [torch.randn(2, 3, 12, 12)]
+    with pytest.raises(convsep.ConvsepValueError, match="autocast='fp16' needs a CUDA device"):
+        convsep.finetune(small_net(), data, teacher=small_net(), autocast="fp16", device="cpu", verbose=False)
+    with pytest.raises(convsep.ConvsepValueError, match="autocast='int8' is not known"):
+        convsep.finetune(small_net(), data, teacher=small_net(), autocast="int8", verbose=False)
+
+
+# --- training checkpoints and resume -------------------------------------------------------------
+
+
+class Killed(Exception):
+    """What the data raises to stand for a job killed mid-run."""
+
+
+class DiesAfter:
+    """`data`, re-iterable, except that taking batch number `limit + 1` (counted over every pass) raises Killed."""
+
+    def __init__(self, data, limit: int) -> None:
+        self.data, self.left = data, limit
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+            yield batch
+
+
+def resumable_setup():
+    """A float64 teacher with batch norm and dropout (random on every step), its conversion, a shuffling DataLoader."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                            nn.Linear(288, 4)).double().eval()  # fmt: skip
+    x, y = torch.randn(32, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (32,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True)
+    val = [(x[:16], y[:16])]
+    return convsep.convert(teacher, rank=1), teacher, loader, val
+
+
+def run_to_the_end(tmp_path, **options):
+    student, teacher, loader, val = resumable_setup()
+    torch.manual_seed(1)
+    convsep.finetune(student, loader, teacher=teacher, epochs=2, lr=1e-2, val_data=val, verbose=False,
+                     save_state=tmp_path / "whole.pt", **options)  # fmt: skip
+    return student
+
+
+def killed_then_resumed(tmp_path, killed_at: int, **options):
+    student, teacher, loader, val = resumable_setup()
+    start = snapshot(student)
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        convsep.finetune(student, DiesAfter(loader, killed_at), teacher=teacher, epochs=2, lr=1e-2, val_data=val,
+                         verbose=False, save_state=tmp_path / "state.pt", **options)  # fmt: skip
+    resumed, teacher, loader, val = resumable_setup()
+    torch.manual_seed(123)  # whatever the generators hold now, the checkpoint's state is what counts
+    convsep.finetune(resumed, loader, teacher=teacher, epochs=2, lr=1e-2, val_data=val, verbose=False,
+                     save_state=tmp_path / "state.pt", resume=tmp_path / "state.pt", **options)  # fmt: skip
+    return resumed, start
+
+
+def test_a_run_killed_after_epoch_1_and_resumed_ends_as_the_uninterrupted_one(tmp_path):
+    whole = run_to_the_end(tmp_path)
+    resumed, start = killed_then_resumed(tmp_path, killed_at=4)  # 4 batches an epoch: killed taking the 5th
+    assert any(not torch.equal(v, whole.state_dict()[k]) for k, v in start.items())  # it did train
+    assert_bitwise_equal(snapshot(whole), resumed)
+    assert resumed.convsep_plan.finetune["history"] == whole.convsep_plan.finetune["history"]
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_save_every_checkpoint(tmp_path):
+    whole = run_to_the_end(tmp_path, save_every=3)
+    resumed, _ = killed_then_resumed(tmp_path, killed_at=7, save_every=3)  # saved at step 6, in epoch 2
+    assert_bitwise_equal(snapshot(whole), resumed)
+
+
+def test_resuming_with_another_model_is_one_error_and_changes_nothing(tmp_path):
+    run_to_the_end(tmp_path)
+    saved = (tmp_path / "whole.pt").read_bytes()
+    _, teacher, loader, _ = resumable_setup()
+    other = convsep.convert(teacher, rank=2)
+    before = snapshot(other)
+    with pytest.raises(convsep.CheckpointError, match="whole.pt is the training state of another model"):
+        convsep.finetune(other, loader, teacher=teacher, save_state=tmp_path / "whole.pt", resume=tmp_path / "whole.pt",
+                         verbose=False)  # fmt: skip
+    assert (tmp_path / "whole.pt").read_bytes() == saved
+    assert_bitwise_equal(before, other)

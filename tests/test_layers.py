@@ -249,3 +249,22 @@ def test_pair_keeps_working_as_a_module_after_copies_moves_and_loads():
         other.load_state_dict(pair.state_dict())
         assert other.stride == (2,) and other.groups == 1 and not other.training
     assert list(pair.state_dict()) == ["depthwise.weight", "pointwise.weight", "pointwise.bias"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [({"groups": 2}, "divisible by groups"), ({"groups": 0}, "groups must be a positive int"),
+     ({"padding_mode": "mirror"}, "padding_mode"), ({"rank": 0}, "rank"), ({"padding": "same", "stride": 2}, "SeparableConv2d: ValueError: padding=.same.")],
+)  # fmt: skip
+def test_constructor_errors_are_convseps_and_name_the_value(kwargs, says):
+    with pytest.raises(convsep.ConvsepValueError, match=says):
+        SeparableConv2d(**{"in_channels": 3, "out_channels": 4, "kernel_size": 3, **kwargs})
+
+
+def test_from_conv_errors_are_convseps():
+    with pytest.raises(convsep.ConvsepTypeError, match="expects an nn.Conv2d, got Conv1d"):
+        SeparableConv2d.from_conv(nn.Conv1d(2, 2, 3))
+    with pytest.raises(convsep.ConvsepValueError, match="init must be one of .* got 'xavier'"):
+        SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), init="xavier")
+    with pytest.raises(convsep.ConvsepValueError, match="rank must be a positive int or 'full', got 0"):
+        SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), rank=0)
