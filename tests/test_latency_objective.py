@@ -46,3 +46,109 @@ def test_latency_objective_on_inputs_the_model_cannot_take_names_them():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
     with pytest.raises(convsep.InputShapeError, match=r"objective='latency'.*\(1, 5, 16, 16\) float32"):
         convsep.convert(model, objective="latency", example_inputs=torch.randn(1, 5, 16, 16))
+
+
+# --- which layers win, on scripted timings -----------------------------------------------------
+# The clock is replaced by a script: each layer's time as a conv and as a pair, and a whole-model
+# time that is the sum over layers plus a penalty for some layers converted. The tests then say
+# exactly which layers convert, and in which order the whole-model loop reverts them.
+
+LAYER_SECONDS = {  # out_channels (one per layer) -> (conv seconds, pair seconds)
+    8: (1.0, 2.0),  # "0": the pair is slower: kept for speed
+    16: (1.0, 0.5),  # "2": the pair saves 0.5 s
+    12: (1.0, 0.9),  # "4": the pair saves 0.1 s, the smallest gain
+}
+
+
+def three_convs():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1)
+    ).eval()
+
+
+def converted_names(model):
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, _SeparableConvNd))
+
+
+@pytest.fixture
+def scripted_clock(monkeypatch):
+    """Replace the timer: returns the list of the converted-layer sets the whole-model timings saw.
+
+    `penalty[name]` seconds are added to the whole converted model while layer `name` is converted
+    (a pair that is fast alone and slow in context, as caches make it).
+    """
+    seen, penalty = [], {}
+
+    def model_time(model):
+        converted = converted_names(model)
+        total = 0.0
+        for name, module in model.named_children():
+            if isinstance(module, (nn.Conv2d, _SeparableConvNd)):
+                conv_seconds, pair_seconds = LAYER_SECONDS[module.out_channels]
+                total += pair_seconds if name in converted else conv_seconds
+        return total + sum(penalty.get(name, 0.0) for name in converted)
+
+    def paired_medians(first, second, args, runs, warmup=2):
+        if isinstance(first, nn.Conv2d):  # one layer: its conv, then its pair
+            return LAYER_SECONDS[first.out_channels]
+        seen.append(converted_names(second))  # the whole model: original, then converted
+        return model_time(first), model_time(second)
+
+    monkeypatch.setattr("convsep.speed.paired_medians", paired_medians)
+    return seen, penalty
+
+
+def latency_convert(model):
+    return convsep.convert(model, rank=1, objective="latency", example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_latency_objective_converts_exactly_the_layers_whose_pair_is_faster(scripted_clock):
+    converted = latency_convert(three_convs())
+    plan = {d.name: d for d in converted.convsep_plan.layers}
+    assert converted_names(converted) == {"2", "4"}
+    assert [d.name for d in converted.convsep_plan.converted] == ["2", "4"]
+    assert plan["0"].reason == (
+        "kept for speed: the pair took 2000.000 ms against 1000.000 ms for the original conv on this device and input"
+    )
+    assert isinstance(converted[0], nn.Conv2d)
+
+
+def test_latency_objective_needs_the_pair_faster_by_the_margin(scripted_clock, monkeypatch):
+    monkeypatch.setitem(LAYER_SECONDS, 12, (1.0, 0.96))  # 4% faster: within the 5% margin
+    converted = latency_convert(three_convs())
+    assert converted_names(converted) == {"2"}
+    assert converted.convsep_plan.layers[2].reason.startswith("kept for speed: the pair took 960.000 ms")
+
+
+def test_latency_objective_stops_reverting_once_the_whole_model_is_faster(scripted_clock):
+    seen, _ = scripted_clock
+    converted = latency_convert(three_convs())
+    assert seen == [{"2", "4"}]  # faster at the first measurement: nothing reverted
+    assert converted_names(converted) == {"2", "4"}
+
+
+def test_latency_objective_reverts_the_smallest_gain_first_until_the_model_is_faster(scripted_clock):
+    seen, penalty = scripted_clock
+    penalty["4"] = 1.0  # with "4" converted the whole model is slower than the original
+    converted = latency_convert(three_convs())
+    assert seen == [{"2", "4"}, {"2"}]
+    assert converted_names(converted) == {"2"}
+    assert isinstance(converted[4], nn.Conv2d)
+    reverted = converted.convsep_plan.layers[2]
+    assert (reverted.name, reverted.converted, reverted.relative_error) == ("4", False, None)
+    assert reverted.reason == (
+        "kept for speed: with it converted the whole model took 3400.00 ms against 3000.00 ms for the original"
+    )
+
+
+def test_latency_objective_reverts_every_layer_while_the_model_stays_slower(scripted_clock):
+    seen, penalty = scripted_clock
+    penalty["2"] = penalty["4"] = 1.0
+    model = three_convs()
+    converted = latency_convert(model)
+    assert seen == [{"2", "4"}, {"2"}]  # "4" (smallest gain) goes first, then "2" without a new measurement
+    assert converted_names(converted) == set() and not converted.convsep_plan.converted
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))  # the original convs are back, weights and all
