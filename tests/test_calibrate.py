@@ -276,3 +276,41 @@ def test_progress_bar_on_a_terminal_and_silent_fallback_without_tqdm(monkeypatch
     captured = capsys.readouterr()
     assert "calibrated 1:" in captured.out
     assert ("calibrating" in captured.err) == has_tqdm
+
+
+def correlated_inputs(n=8):
+    """Inputs with structure (correlated channels), so that the data-aware fit differs from the SVD."""
+    torch.manual_seed(1)
+    return torch.randn(n, 2, 7, 7).repeat_interleave(2, dim=1) + 0.3 * torch.randn(n, 4, 7, 7)
+
+
+def test_huge_ridge_keeps_the_svd_init():
+    model, converted = single_conv_model(groups=1, bias=True, rank=1)
+    init = snapshot(converted)
+    convsep.calibrate(converted, model, [correlated_inputs()], ridge=1e9)
+    for key, value in init.items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_pointwise_refit_with_ridge_is_the_closed_form_solve():
+    model, converted = single_conv_model(groups=1, bias=True, rank=1)
+    pair, x, ridge = converted[0], correlated_inputs(), 0.5
+    with torch.no_grad():
+        hidden = pair.depthwise(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
+        target = model(x).permute(0, 2, 3, 1).reshape(-1, 6).double()
+    features = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=torch.float64)], dim=1)
+    current = torch.cat([pair.pointwise.weight[:, :, 0, 0].T, pair.pointwise.bias[None]]).detach().double()
+    gram = features.T @ features
+    lam = ridge * gram[:4, :4].diagonal().mean()  # relative to the mean diagonal of the weights' block
+    expected = torch.linalg.solve(gram + lam * torch.eye(5, dtype=torch.float64), features.T @ target + lam * current)
+    convsep.calibrate(converted, model, [x], ridge=ridge)
+    torch.testing.assert_close(pair.pointwise.weight[:, :, 0, 0].double(), expected[:4].T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pair.pointwise.bias.double(), expected[4], rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_is_relative_so_scaling_the_inputs_leaves_the_fit_unchanged():
+    model, converted = single_conv_model(groups=2, bias=False, rank=1)
+    small = convsep.calibrate(copy.deepcopy(converted), model, [1e-3 * correlated_inputs()], ridge=0.5)
+    large = convsep.calibrate(copy.deepcopy(converted), model, [1e3 * correlated_inputs()], ridge=0.5)
+    assert relative_error(small[0].pointwise.weight, converted[0].pointwise.weight) > 1e-2  # the ridge did not freeze it
+    torch.testing.assert_close(small[0].pointwise.weight, large[0].pointwise.weight, rtol=1e-5, atol=1e-6)
