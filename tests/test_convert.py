@@ -1,4 +1,5 @@
 import copy
+import math
 import warnings
 
 import pytest
@@ -31,15 +32,28 @@ def test_full_rank_keeps_outputs_leaves_the_original_alone_and_trains(architectu
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+def expected_reason_to_keep(conv):
+    """Why convert must keep this conv at rank "full", from the conv itself; None if it must convert it."""
+    if math.prod(conv.kernel_size) == 1:
+        return "kernel has 1 element (already pointwise)"
+    if conv.groups == conv.in_channels:
+        return "already depthwise (groups == in_channels)"
+    if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and "forward" in vars(type(conv)):
+        return f"{type(conv).__name__} overrides forward, so a plain pair may compute something else; name it in include to convert"
+    return None
+
+
 def test_every_standard_conv_becomes_a_pair(architecture):
     name, model, _ = architecture
     converted = convsep.convert(model, rank="full")
     plan = converted.convsep_plan
+    assert plan.layers, name
     for decision in plan.layers:
         if decision.converted:
             assert isinstance(converted.get_submodule(decision.module), _SeparableConvNd), decision
-        else:
-            assert decision.reason, decision
+            continue
+        original = model.get_submodule(decision.name)
+        assert decision.reason == expected_reason_to_keep(original), decision  # only 1x1, depthwise and custom forward stay
 
 
 def test_rank_one_svd_beats_random_and_matches_eckart_young():
@@ -276,3 +290,16 @@ def test_rebuild_reproduces_the_converted_architecture():
 def test_calibration_batches_without_data_is_refused():
     with pytest.raises(ValueError, match="calibration_batches=4 needs calibration_data"):
         convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), calibration_batches=4)
+
+
+def test_rank_override_exact_name_wins_over_a_glob_listed_before_it():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    converted = convsep.convert(model, rank=1, ranks={"*": 2, "1": 3})
+    assert {d.name: d.rank for d in converted.convsep_plan.converted} == {"0": 2, "1": 3}
+
+
+def test_rank_override_first_matching_glob_wins():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    converted = convsep.convert(model, rank=1, ranks={"1*": 3, "*": 2})
+    assert {d.name: d.rank for d in converted.convsep_plan.converted} == {"0": 2, "1": 3}
+
