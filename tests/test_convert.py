@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
 
 import convsep
 from convsep import SeparableConv2d
@@ -76,6 +77,20 @@ def test_rank_one_svd_beats_random_and_matches_eckart_young():
         assert decision.relative_error == pytest.approx(float(optimum), rel=1e-5)
 
 
+class ScaledConvForward(nn.Conv2d):
+    """Overrides only _conv_forward (as some quantised convs do): a plain pair would drop the scaling."""
+
+    def _conv_forward(self, x, weight, bias):
+        return 2 * super()._conv_forward(x, weight, bias)
+
+
+class NotAStandardConv(_ConvNd):
+    """A conv that derives from _ConvNd directly, not from nn.Conv1d/2d/3d."""
+
+    def __init__(self):
+        super().__init__(8, 8, (3, 3), (1, 1), (0, 0), (1, 1), False, (0, 0), 1, True, "zeros")
+
+
 def test_skipped_layers_carry_their_reason():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 1),
@@ -83,14 +98,59 @@ def test_skipped_layers_carry_their_reason():
         nn.Conv2d(8, 8, 3),
         nn.ConvTranspose2d(8, 8, 3),
         SubclassConvNet().same,
+        nn.Conv2d(2, 4, 3, groups=2),
+        nn.LazyConv2d(8, 3),
+        ScaledConvForward(8, 8, 3),
+        NotAStandardConv(),
+        nn.Conv2d(1, 4, 3),
     )
     plan = convsep.convert(model, rank=1).convsep_plan
-    reasons = {d.name: d.reason for d in plan.layers}
-    assert "already pointwise" in reasons["0"]
-    assert "already depthwise" in reasons["1"]
-    assert reasons["2"] == ""
-    assert "transposed" in reasons["3"]
-    assert "overrides forward" in reasons["4"]
+    assert {d.name: d.reason for d in plan.layers} == {
+        "0": "kernel has 1 element (already pointwise)",
+        "1": "already depthwise (groups == in_channels)",
+        "2": "",
+        "3": "transposed convolution (not supported)",
+        "4": "SamePaddingConv overrides forward, so a plain pair may compute something else; name it in include to convert",
+        "5": "already depthwise (groups == in_channels)",
+        "6": "lazy convolution not yet initialised: run one forward pass first",
+        "7": "ScaledConvForward overrides forward, so a plain pair may compute something else; name it in include to convert",
+        "8": "NotAStandardConv is not a standard convolution",
+        "9": "",  # one input channel: groups == in_channels, but a pair still has a choice of rank
+    }
+
+
+def test_include_and_exclude_callables_see_each_layers_name_and_module():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    plan = convsep.convert(
+        model, include=lambda name, module: name != "0", exclude=lambda name, module: module.out_channels == 16 and name == "2"
+    ).convsep_plan
+    assert {d.name: d.reason for d in plan.layers} == {
+        "0": "not matched by include",
+        "1": "",
+        "2": "excluded by exclude callable",
+    }
+
+
+def test_patterns_that_match_do_not_warn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convsep.convert(model, include=["0", "1*", "2"], exclude="2", ranks={"0": 2, "1*": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"include": ["0", "head.*"]}, "include pattern 'head.*' matched no convolution; check the names with model.named_modules()"),
+        ({"exclude": "head.*"}, "exclude pattern 'head.*' matched no convolution; check the names with model.named_modules()"),
+        ({"ranks": {"head.*": 2}}, "ranks pattern 'head.*' matched no convertible convolution"),
+    ],
+)
+def test_unmatched_pattern_warns_at_the_callers_line(kwargs, message):
+    with pytest.warns(UserWarning) as record:
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), **kwargs)
+    assert [str(w.message) for w in record] == [message]
+    assert record[0].filename == __file__  # stacklevel points at the call to convert, not into convsep
 
 
 def test_conv_subclass_with_custom_forward_is_kept_unless_named():
