@@ -363,3 +363,16 @@ def test_rank_override_first_matching_glob_wins():
     converted = convsep.convert(model, rank=1, ranks={"1*": 3, "*": 2})
     assert {d.name: d.rank for d in converted.convsep_plan.converted} == {"0": 2, "1": 3}
 
+
+
+@pytest.mark.parametrize(
+    "parametrized, expected",
+    [
+        ("keep", [(False, "weight is computed by weight_norm: kept as it is by parametrized='keep'", ""), (True, "", "")]),
+        ("fold", [(True, "", "weight_norm"), (True, "", "")]),
+    ],
+)
+def test_weight_normed_conv_is_folded_or_kept_as_asked_and_plain_convs_convert_either_way(parametrized, expected):
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.Conv2d(8, 8, 3))
+    plan = convsep.convert(model, parametrized=parametrized).convsep_plan
+    assert [(d.converted, d.reason, d.folded) for d in plan.layers] == expected
