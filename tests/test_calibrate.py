@@ -292,20 +292,39 @@ def test_huge_ridge_keeps_the_svd_init():
         torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-6, atol=1e-6)
 
 
-def test_pointwise_refit_with_ridge_is_the_closed_form_solve():
-    model, converted = single_conv_model(groups=1, bias=True, rank=1)
-    pair, x, ridge = converted[0], correlated_inputs(), 0.5
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pointwise_refit_with_ridge_is_the_closed_form_solve(groups):
+    model, converted = single_conv_model(groups=groups, bias=True, rank=1)
+    # The second group's inputs 10x larger: each group's ridge follows its own Gram matrix.
+    pair, x, ridge = converted[0], correlated_inputs() * torch.tensor([1.0, 1.0, 10.0, 10.0]).reshape(1, 4, 1, 1), 0.5
     with torch.no_grad():
-        hidden = pair.depthwise(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
-        target = model(x).permute(0, 2, 3, 1).reshape(-1, 6).double()
-    features = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=torch.float64)], dim=1)
-    current = torch.cat([pair.pointwise.weight[:, :, 0, 0].T, pair.pointwise.bias[None]]).detach().double()
-    gram = features.T @ features
-    lam = ridge * gram[:4, :4].diagonal().mean()  # relative to the mean diagonal of the weights' block
-    expected = torch.linalg.solve(gram + lam * torch.eye(5, dtype=torch.float64), features.T @ target + lam * current)
+        hidden, target = pair.depthwise(x).double(), model(x).double()
     convsep.calibrate(converted, model, [x], ridge=ridge)
-    torch.testing.assert_close(pair.pointwise.weight[:, :, 0, 0].double(), expected[:4].T, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pair.pointwise.bias.double(), expected[4], rtol=1e-5, atol=1e-6)
+    inputs, outputs = 4 // groups, 6 // groups
+    for g in range(groups):
+        features = hidden[:, g * inputs : (g + 1) * inputs].permute(0, 2, 3, 1).reshape(-1, inputs)
+        wanted = target[:, g * outputs : (g + 1) * outputs].permute(0, 2, 3, 1).reshape(-1, outputs)
+        features = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+        rows = slice(g * outputs, (g + 1) * outputs)
+        init = convsep.convert(model, rank=1)[0]  # the SVD init the ridge pulls towards
+        current = torch.cat([init.pointwise.weight[rows, :, 0, 0].T, init.pointwise.bias[None, rows]]).detach().double()
+        gram = features.T @ features
+        lam = ridge * gram[:inputs, :inputs].diagonal().mean()  # relative to the mean diagonal of the weights' block
+        eye = torch.eye(inputs + 1, dtype=torch.float64)
+        expected = torch.linalg.solve(gram + lam * eye, features.T @ wanted + lam * current)
+        torch.testing.assert_close(pair.pointwise.weight[rows, :, 0, 0].double(), expected[:inputs].T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pair.pointwise.bias[rows].double(), expected[inputs], rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_zero_is_plain_least_squares_even_for_tiny_activations():
+    model, converted = single_conv_model(groups=1, bias=False, rank=1)
+    x = 1e-5 * correlated_inputs()
+    with torch.no_grad():
+        features = converted[0].depthwise(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
+        wanted = model(x).permute(0, 2, 3, 1).reshape(-1, 6).double()
+    convsep.calibrate(converted, model, [x], ridge=0.0)
+    expected = torch.linalg.lstsq(features, wanted).solution
+    torch.testing.assert_close(converted[0].pointwise.weight[:, :, 0, 0].double(), expected.T, rtol=1e-4, atol=1e-6)
 
 
 def test_ridge_is_relative_so_scaling_the_inputs_leaves_the_fit_unchanged():
