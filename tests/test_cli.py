@@ -558,6 +558,45 @@ def test_convert_calibration_batches_limits_the_batches_used(work, capsys):
     assert (calibration["batches"], calibration["samples"]) == (2, 8)
 
 
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        (["--input-shape", "2,1,12,16"], {"channels": 1, "size": (12, 16)}),  # images: as the model takes them
+        (["--input-shape", "2,1,12,16", "--input-shape", "2,5"], {}),  # several inputs: the source's own sizes
+        ([], {}),
+    ],
+)
+def test_calibrate_with_reads_images_at_the_input_shape(shape, expected, work, capsys, monkeypatch):
+    asked = []
+
+    def load_batches(source, **kwargs):
+        asked.append((source, kwargs))
+        return [torch.randn(2, 1, 12, 16)]
+
+    monkeypatch.setattr(convsep.cli, "load_batches", load_batches)
+    monkeypatch.setattr(convsep.cli, "_example_input", lambda model, shape: torch.randn(2, 1, 12, 16))
+    code, _, err = run(_convert(work, "--calibrate-with", "images/", *shape), capsys)
+    assert code == 0, err
+    assert asked == [("images/", expected)]
+    assert convsep.load(work / "out.pt").plan.calibration["batches"] == 1
+
+
+def test_converting_a_converted_checkpoint_again_says_nothing_new_was_converted(work, capsys):
+    assert run(_convert(work, out="once.pt"), capsys)[0] == 0
+    code, _, err = run(["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)], capsys)
+    assert code == 0
+    assert err.splitlines()[0] == (
+        f"convsep: warning: {work / 'once.pt'} has no convolution convsep can convert; {work / 'twice.pt'} holds the same weights"
+    )
+
+
+def test_converting_only_some_layers_again_converts_the_rest_without_a_warning(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    code, _, err = run(["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)], capsys)
+    assert code == 0 and "warning" not in err
+    assert err.splitlines()[-1] == f"convsep: wrote {work / 'twice.pt'} (4 of 4 convolutions converted)"
+
+
 def test_convert_objective_latency_keeps_the_layers_measured_slower(work, capsys, monkeypatch):
     monkeypatch.setattr("convsep.speed.paired_medians", lambda first, second, args, runs: (1.0, 2.0))  # pairs slower
     code, _, err = run(_convert(work, "--input-shape", "1,1,28,28", "--objective", "latency"), capsys)
