@@ -383,3 +383,29 @@ def test_weight_normed_conv_is_folded_or_kept_as_asked_and_plain_convs_convert_e
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.Conv2d(8, 8, 3))
     plan = convsep.convert(model, parametrized=parametrized).convsep_plan
     assert [(d.converted, d.reason, d.folded) for d in plan.layers] == expected
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 1.5}, "budget=1.5 must lie in (0, 1]: it is the share of the original macs the converted model may keep (0.3 keeps 30%)"),
+        ({"budget": "0.3"}, "budget='0.3' (str) must be a number in (0, 1]: the share of the original cost to keep"),
+        ({"budget": 0.3, "budget_on": "flops"}, "budget_on='flops' is not known: use one of 'macs', 'params'"),
+        ({"budget": 0.3}, "budget=0.3 on MACs needs example_inputs, since MACs depend on the input size: pass e.g. "
+         "example_inputs=torch.randn(1, 3, 224, 224), or budget_on='params'"),
+        ({"budget": 0.3, "rank": 2, "example_inputs": X}, "rank=2 and budget=0.3 both choose the ranks: pass one of them "
+         "(per-layer overrides in ranks= still apply under a budget)"),
+        ({"rank": None}, "rank=None (NoneType) is not a rank: use a positive int, 'full', or a float in (0, 1)"),
+        ({"exclude": 3}, "exclude=3 must be a glob pattern, a list of them, or a callable (name, module) -> bool"),
+        ({"exclude": ["a", 3]}, "exclude holds 3, which is not a string pattern"),
+        ({"ranks": [("a", 1)]}, "ranks=[('a', 1)] must be a dict of name pattern -> rank, like {'layer3.*': 2}"),
+        ({"ranks": {3: 1}}, "ranks has the key 3: keys must be name patterns (str)"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message_naming_them(kwargs, message):
+    with pytest.raises(convsep.ConvsepError) as info:
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)), **kwargs)
+    assert str(info.value) == message
