@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import convsep
+from convsep.convert import LATENCY_RUNS
 from convsep.layers import _SeparableConvNd
 from helpers import assert_bitwise_equal, relative_error, snapshot
 from zoo import FunctionalConvNet
@@ -96,10 +97,13 @@ def scripted_clock(monkeypatch):
         return total + sum(penalty.get(name, 0.0) for name in converted)
 
     def paired_medians(first, second, args, runs, warmup=2):
-        if isinstance(first, nn.Conv2d):  # one layer: its conv, then its pair
-            assert not first.training and not second.training  # timed as deployed
+        assert not first.training and not second.training  # timed as deployed
+        assert runs == LATENCY_RUNS and len(args) == 1 and args[0].shape[0] == 1
+        if isinstance(first, nn.Conv2d):  # one layer: its conv, then its pair, on that layer's input
+            assert args[0].shape[1] == first.in_channels
             return LAYER_SECONDS[first.out_channels]
-        seen.append(converted_names(second))  # the whole model: original, then converted
+        assert args[0].shape == (1, 3, 8, 8)  # the whole model: original, then converted, on the example inputs
+        seen.append(converted_names(second))
         return model_time(first), model_time(second)
 
     monkeypatch.setattr("convsep.speed.paired_medians", paired_medians)
