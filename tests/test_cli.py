@@ -148,7 +148,7 @@ def test_convert_without_input_shape_prints_the_plan(work, capsys):
     code, stdout, err = run(["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work)], capsys)
     assert code == 0, err
     assert "converted 4 of 4 convolutions" in stdout and "params:" in stdout
-    assert "--input-shape" in err
+    assert "convsep: pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report" in err.splitlines()
 
 
 def test_convert_json_output_is_json_only(work, capsys):
@@ -185,7 +185,8 @@ def test_model_without_convertible_convs_is_a_warning_and_a_copy(factory, work, 
     torch.save(model.state_dict(), work / "plain.pt")
     code, stdout, err = run(["convert", work / "plain.pt", "-o", work / "out.pt", "--model", spec(work, factory)], capsys)
     assert code == 0
-    assert err.startswith("convsep: warning:") and "holds the same weights" in err
+    why = {"mlp": "has no convolution convsep can convert;", "pointwise_only": "no convolution of"}[factory]
+    assert err.startswith("convsep: warning:") and why in err.splitlines()[0] and "holds the same weights" in err
     assert_bitwise_equal(snapshot(model), convsep.load(work / "out.pt", model=model))
 
 
@@ -595,6 +596,42 @@ def test_converting_only_some_layers_again_converts_the_rest_without_a_warning(w
     code, _, err = run(["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)], capsys)
     assert code == 0 and "warning" not in err
     assert err.splitlines()[-1] == f"convsep: wrote {work / 'twice.pt'} (4 of 4 convolutions converted)"
+
+
+def test_converting_again_with_every_other_layer_excluded_warns_that_nothing_new_converted(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work), "--exclude", "*"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and err.splitlines()[0] == (
+        f"convsep: warning: no convolution of {work / 'once.pt'} was converted (reasons below); "
+        f"{work / 'twice.pt'} holds the same weights"
+    )
+
+
+def test_converting_a_converted_checkpoint_reports_against_the_original_architecture(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work), "--input-shape", "1,1,28,28"]
+    code, stdout, err = run(argv + ["--format", "json"], capsys)
+    assert code == 0, err
+    shown = json.loads(stdout)
+    original = convsep.report(trained(work), trained(work), torch.randn(1, 1, 28, 28)).totals
+    assert shown["totals"]["macs_before"] == original["macs_before"]  # the dense convs, not the pair of the first pass
+    plan = convsep.load(work / "twice.pt").plan
+    errors = {row["name"]: row["weight_error"] for row in shown["rows"]}
+    assert errors == pytest.approx({d.name: d.relative_error for d in plan.converted}, rel=1e-4)  # from the plan
+
+
+def test_a_pickled_converted_model_converts_the_rest(work, capsys):
+    torch.save(convsep.convert(trained(work), include="0.0"), work / "whole_sep.pt")
+    argv = ["convert", work / "whole_sep.pt", "-o", work / "out.pt", "--trust-pickle", "--input-shape", "1,1,28,28"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert [d.name for d in convsep.load(work / "out.pt").plan.converted] == ["0.0", "1.0", "3.0", "4.0"]
+
+
+def test_convert_parametrized_keep_reaches_convert(work, capsys):
+    assert run(_convert(work, "--parametrized", "keep"), capsys)[0] == 0
+    assert convsep.load(work / "out.pt").plan.parametrized == "keep"
 
 
 def test_convert_objective_latency_keeps_the_layers_measured_slower(work, capsys, monkeypatch):
