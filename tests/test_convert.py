@@ -398,7 +398,7 @@ X = torch.randn(1, 3, 8, 8)
          "example_inputs=torch.randn(1, 3, 224, 224), or budget_on='params'"),
         ({"budget": 0.3, "rank": 2, "example_inputs": X}, "rank=2 and budget=0.3 both choose the ranks: pass one of them "
          "(per-layer overrides in ranks= still apply under a budget)"),
-        ({"rank": None}, "rank=None (NoneType) is not a rank: use a positive int, 'full', or a float in (0, 1)"),
+        ({"rank": [1]}, "rank=[1] (list) is not a rank: use a positive int, 'full', or a float in (0, 1)"),
         ({"exclude": 3}, "exclude=3 must be a glob pattern, a list of them, or a callable (name, module) -> bool"),
         ({"exclude": ["a", 3]}, "exclude holds 3, which is not a string pattern"),
         ({"ranks": [("a", 1)]}, "ranks=[('a', 1)] must be a dict of name pattern -> rank, like {'layer3.*': 2}"),

@@ -156,6 +156,29 @@ def test_latency_objective_keeps_a_layer_that_never_runs_and_times_the_rest(scri
     assert converted_names(converted) == {"body.2", "body.4"}
 
 
+class CalledTwice(nn.Module):
+    """One conv run on the full input, then on a downsampled copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).sum() + self.conv(x[..., ::2, ::2]).sum()
+
+
+def test_latency_objective_times_a_layer_on_the_input_of_its_first_call(monkeypatch):
+    shapes = []
+
+    def paired_medians(first, second, args, runs, warmup=2):
+        shapes.append(tuple(args[0].shape))
+        return 1.0, 2.0
+
+    monkeypatch.setattr("convsep.speed.paired_medians", paired_medians)
+    latency_convert(CalledTwice().eval())
+    assert shapes == [(1, 3, 8, 8)]
+
+
 def test_latency_objective_needs_the_pair_faster_by_at_least_the_margin(scripted_clock, monkeypatch):
     monkeypatch.setitem(LAYER_SECONDS, 12, (1.0, 0.95))  # exactly 5% faster: not enough
     converted = latency_convert(three_convs())
