@@ -86,6 +86,7 @@ def drop_slower_pairs(candidates: list, model: nn.Module, args: tuple, build_pai
             gains[id(candidate)] = conv_seconds - pair_seconds
         else:
             candidate.decision.converted = False
+            candidate.decision.relative_error = None  # not converted: no error to record, as for a reverted layer
             candidate.decision.reason = speed_reason(conv_seconds, pair_seconds)
     return gains
 

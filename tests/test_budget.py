@@ -269,6 +269,24 @@ def test_energy_rank_is_the_smallest_rank_keeping_the_fraction(fraction):
         assert not decision.converted and "would not save MACs" in decision.reason
 
 
+def test_energy_rank_met_exactly_by_a_share_takes_that_rank():
+    from convsep.ranks import rank_for_energy
+
+    equal = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # each value holds a quarter of the energy
+    assert [rank_for_energy(equal, f) for f in (0.25, 0.5, 0.75, 0.7500001, 1.0)] == [1, 2, 3, 3, 4]
+    assert rank_for_energy(equal.double(), 0.5) == 2
+
+
+def test_energy_rank_of_a_zero_kernel_is_one():
+    from convsep.ranks import rank_for_energy
+
+    assert rank_for_energy(torch.zeros(3, 4), 0.9) == 1
+    model = nn.Sequential(nn.Conv2d(6, 64, 3))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert convsep.convert(model, rank=0.9).convsep_plan.layers[0].rank == 1
+
+
 def test_budget_measures_functional_convs_too():
     from zoo import FunctionalConvNet
 

@@ -286,3 +286,60 @@ def test_non_finite_data_stops_calibration_with_a_clear_error_and_no_nan_weights
     with pytest.raises(convsep.ConvsepValueError, match="calibrating '0': .* NaN or inf"):
         convsep.calibrate(converted, model, data)
     assert all(bool(torch.isfinite(p).all()) for p in converted.parameters())
+
+
+def correlated_inputs(n=8):
+    """Inputs with structure (correlated channels), so that the data-aware fit differs from the SVD."""
+    torch.manual_seed(1)
+    return torch.randn(n, 2, 7, 7).repeat_interleave(2, dim=1) + 0.3 * torch.randn(n, 4, 7, 7)
+
+
+def test_huge_ridge_keeps_the_svd_init():
+    model, converted = single_conv_model(groups=1, bias=True, rank=1)
+    init = snapshot(converted)
+    convsep.calibrate(converted, model, [correlated_inputs()], ridge=1e9)
+    for key, value in init.items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pointwise_refit_with_ridge_is_the_closed_form_solve(groups):
+    model, converted = single_conv_model(groups=groups, bias=True, rank=1)
+    # The second group's inputs 10x larger: each group's ridge follows its own Gram matrix.
+    pair, x, ridge = converted[0], correlated_inputs() * torch.tensor([1.0, 1.0, 10.0, 10.0]).reshape(1, 4, 1, 1), 0.5
+    with torch.no_grad():
+        hidden, target = pair.depthwise(x).double(), model(x).double()
+    convsep.calibrate(converted, model, [x], ridge=ridge)
+    inputs, outputs = 4 // groups, 6 // groups
+    for g in range(groups):
+        features = hidden[:, g * inputs : (g + 1) * inputs].permute(0, 2, 3, 1).reshape(-1, inputs)
+        wanted = target[:, g * outputs : (g + 1) * outputs].permute(0, 2, 3, 1).reshape(-1, outputs)
+        features = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+        rows = slice(g * outputs, (g + 1) * outputs)
+        init = convsep.convert(model, rank=1)[0]  # the SVD init the ridge pulls towards
+        current = torch.cat([init.pointwise.weight[rows, :, 0, 0].T, init.pointwise.bias[None, rows]]).detach().double()
+        gram = features.T @ features
+        lam = ridge * gram[:inputs, :inputs].diagonal().mean()  # relative to the mean diagonal of the weights' block
+        eye = torch.eye(inputs + 1, dtype=torch.float64)
+        expected = torch.linalg.solve(gram + lam * eye, features.T @ wanted + lam * current)
+        torch.testing.assert_close(pair.pointwise.weight[rows, :, 0, 0].double(), expected[:inputs].T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pair.pointwise.bias[rows].double(), expected[inputs], rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_zero_is_plain_least_squares_even_for_tiny_activations():
+    model, converted = single_conv_model(groups=1, bias=False, rank=1)
+    x = 1e-5 * correlated_inputs()
+    with torch.no_grad():
+        features = converted[0].depthwise(x).permute(0, 2, 3, 1).reshape(-1, 4).double()
+        wanted = model(x).permute(0, 2, 3, 1).reshape(-1, 6).double()
+    convsep.calibrate(converted, model, [x], ridge=0.0)
+    expected = torch.linalg.lstsq(features, wanted).solution
+    torch.testing.assert_close(converted[0].pointwise.weight[:, :, 0, 0].double(), expected.T, rtol=1e-4, atol=1e-6)
+
+
+def test_ridge_is_relative_so_scaling_the_inputs_leaves_the_fit_unchanged():
+    model, converted = single_conv_model(groups=2, bias=False, rank=1)
+    small = convsep.calibrate(copy.deepcopy(converted), model, [1e-3 * correlated_inputs()], ridge=0.5)
+    large = convsep.calibrate(copy.deepcopy(converted), model, [1e3 * correlated_inputs()], ridge=0.5)
+    assert relative_error(small[0].pointwise.weight, converted[0].pointwise.weight) > 1e-2  # the ridge did not freeze it
+    torch.testing.assert_close(small[0].pointwise.weight, large[0].pointwise.weight, rtol=1e-5, atol=1e-6)

@@ -148,7 +148,7 @@ def test_convert_without_input_shape_prints_the_plan(work, capsys):
     code, stdout, err = run(["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work)], capsys)
     assert code == 0, err
     assert "converted 4 of 4 convolutions" in stdout and "params:" in stdout
-    assert "--input-shape" in err
+    assert "convsep: pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report" in err.splitlines()
 
 
 def test_convert_json_output_is_json_only(work, capsys):
@@ -185,7 +185,8 @@ def test_model_without_convertible_convs_is_a_warning_and_a_copy(factory, work, 
     torch.save(model.state_dict(), work / "plain.pt")
     code, stdout, err = run(["convert", work / "plain.pt", "-o", work / "out.pt", "--model", spec(work, factory)], capsys)
     assert code == 0
-    assert err.startswith("convsep: warning:") and "holds the same weights" in err
+    why = {"mlp": "has no convolution convsep can convert;", "pointwise_only": "no convolution of"}[factory]
+    assert err.startswith("convsep: warning:") and why in err.splitlines()[0] and "holds the same weights" in err
     assert_bitwise_equal(snapshot(model), convsep.load(work / "out.pt", model=model))
 
 
@@ -280,16 +281,22 @@ def test_report_of_a_converted_checkpoint_shows_the_weight_errors_of_conversion(
         assert errors == pytest.approx(expected, rel=1e-4)
 
 
-def test_report_of_an_unconverted_checkpoint(work, capsys):
+def test_report_of_an_unconverted_checkpoint_is_the_model_against_itself(work, capsys):
     code, stdout, err = run(["report", work / "in.pt", "--model", spec(work), "--input-shape", "1,1,28,28"], capsys)
     assert code == 0, err
-    assert "MACs" in stdout
+    model = trained(work)
+    x = torch.randn((1, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    assert stdout == convsep.report(model, model, x).render("table") + "\n"
 
 
-def test_convert_with_latency(work, capsys):
+def test_convert_with_latency_times_every_layer_and_the_whole_model(work, capsys):
     argv = ["convert", work / "in.pt", "-o", work / "out.pt", "--model", spec(work), "--input-shape", "1,1,28,28"]
-    code, stdout, err = run(argv + ["--latency"], capsys)
+    code, stdout, err = run(argv + ["--latency", "--format", "json"], capsys)
     assert code == 0, err
+    shown = json.loads(stdout)
+    for key in ("latency_before_ms", "latency_after_ms"):
+        assert shown["totals"][key] > 0
+        assert all(row[key] > 0 for row in shown["rows"]), key
 
 
 def test_a_model_with_two_inputs_takes_one_input_shape_each(work, capsys):
@@ -320,9 +327,17 @@ def test_a_model_with_two_inputs_takes_one_input_shape_each(work, capsys):
 def test_demo_converts_a_built_in_model(capsys):
     code, out, err = run(["demo", "--model", "small_cnn"], capsys)
     assert code == 0, err
-    assert out.startswith("small_cnn (random weights), rank=1")
-    assert "relative output error on a random input:" in out
-    assert "MACs" in out
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    x = torch.randn(1, 1, 28, 28)
+    converted = convsep.convert(model, rank=1)
+    with torch.no_grad():
+        error = (converted(x) - model(x)).norm() / model(x).norm()
+    assert out == (
+        "small_cnn (random weights), rank=1, input 1,1,28,28\n"
+        + convsep.report(model, converted, x).render("table")
+        + f"\nrelative output error on a random input: {error:.2e}\n"
+    )
 
 
 def test_demo_full_rank_is_exact(capsys):
@@ -504,17 +519,135 @@ def test_failure_while_writing_leaves_nothing(work, capsys, monkeypatch):
     assert sorted(os.listdir(work)) == listing
 
 
-def test_convert_with_budget_rank_overrides_objective_and_calibration(work, capsys, monkeypatch):
-    data_module = work / "calib.py"
-    data_module.write_text("import torch\n\ndef batches():\n    return [torch.randn(4, 1, 28, 28) for _ in range(2)]\n")
-    argv = _convert(work, "--input-shape", "1,1,28,28", "--budget", "0.5", "--rank-for", "0.0=full")
-    argv += ["--calibrate-with", f"{data_module}:batches", "--format", "json"]
+def test_convert_with_budget_and_rank_overrides(work, capsys):
+    argv = _convert(work, "--input-shape", "1,1,28,28", "--budget", "0.5", "--rank-for", "0.0=full", "--format", "json")
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
     totals = json.loads(stdout)["totals"]
     assert totals["macs_after"] <= 0.5 * totals["macs_before"]
     plan = convsep.load(work / "out.pt").plan
+    assert (plan.budget["fraction"], plan.budget["on"]) == (0.5, "macs")
     assert next(d for d in plan.layers if d.name == "0.0").rank == plan.layers[0].full_rank
+
+
+def test_convert_budget_on_params_needs_no_input_shape(work, capsys):
+    code, _, err = run(_convert(work, "--budget", "0.4", "--budget-on", "params"), capsys)
+    assert code == 0, err
+    budget = convsep.load(work / "out.pt").plan.budget
+    assert (budget["fraction"], budget["on"]) == (0.4, "params") and budget["reached"] <= 0.4
+    assert budget["original"] == sum(p.numel() for p in trained(work).parameters())
+
+
+CALIBRATION_DATA = "import torch\n\ndef batches():\n    return [torch.randn(4, 1, 28, 28) for _ in range(3)]\n"
+
+
+def test_convert_calibrates_on_the_batches_of_calibrate_with(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches"), capsys)
+    assert code == 0, err
+    calibration = convsep.load(work / "out.pt").plan.calibration
+    assert (calibration["batches"], calibration["samples"]) == (3, 12)
+    assert set(calibration["layers"]) == {"0.0", "1.0", "3.0", "4.0"}
+
+
+def test_convert_calibration_batches_limits_the_batches_used(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    argv = _convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--calibration-batches", "2")
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    calibration = convsep.load(work / "out.pt").plan.calibration
+    assert (calibration["batches"], calibration["samples"]) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        (["--input-shape", "2,1,12,16"], {"channels": 1, "size": (12, 16)}),  # images: as the model takes them
+        (["--input-shape", "2,1,12,16", "--input-shape", "2,5"], {}),  # several inputs: the source's own sizes
+        ([], {}),
+    ],
+)
+def test_calibrate_with_reads_images_at_the_input_shape(shape, expected, work, capsys, monkeypatch):
+    asked = []
+
+    def load_batches(source, **kwargs):
+        asked.append((source, kwargs))
+        return [torch.randn(2, 1, 12, 16)]
+
+    monkeypatch.setattr(convsep.cli, "load_batches", load_batches)
+    monkeypatch.setattr(convsep.cli, "_example_input", lambda model, shape: torch.randn(2, 1, 12, 16))
+    code, _, err = run(_convert(work, "--calibrate-with", "images/", *shape), capsys)
+    assert code == 0, err
+    assert asked == [("images/", expected)]
+    assert convsep.load(work / "out.pt").plan.calibration["batches"] == 1
+
+
+def test_converting_a_converted_checkpoint_again_says_nothing_new_was_converted(work, capsys):
+    assert run(_convert(work, out="once.pt"), capsys)[0] == 0
+    code, _, err = run(["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)], capsys)
+    assert code == 0
+    assert err.splitlines()[0] == (
+        f"convsep: warning: {work / 'once.pt'} has no convolution convsep can convert; {work / 'twice.pt'} holds the same weights"
+    )
+
+
+def test_converting_only_some_layers_again_converts_the_rest_without_a_warning(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    code, _, err = run(["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)], capsys)
+    assert code == 0 and "warning" not in err
+    assert err.splitlines()[-1] == f"convsep: wrote {work / 'twice.pt'} (4 of 4 convolutions converted)"
+
+
+def test_converting_again_with_every_other_layer_excluded_warns_that_nothing_new_converted(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work), "--exclude", "*"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and err.splitlines()[0] == (
+        f"convsep: warning: no convolution of {work / 'once.pt'} was converted (reasons below); "
+        f"{work / 'twice.pt'} holds the same weights"
+    )
+
+
+def test_converting_a_converted_checkpoint_reports_against_the_original_architecture(work, capsys):
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work), "--input-shape", "1,1,28,28"]
+    code, stdout, err = run(argv + ["--format", "json"], capsys)
+    assert code == 0, err
+    shown = json.loads(stdout)
+    original = convsep.report(trained(work), trained(work), torch.randn(1, 1, 28, 28)).totals
+    assert shown["totals"]["macs_before"] == original["macs_before"]  # the dense convs, not the pair of the first pass
+    plan = convsep.load(work / "twice.pt").plan
+    errors = {row["name"]: row["weight_error"] for row in shown["rows"]}
+    assert errors == pytest.approx({d.name: d.relative_error for d in plan.converted}, rel=1e-4)  # from the plan
+
+
+def test_a_pickled_converted_model_converts_the_rest(work, capsys):
+    torch.save(convsep.convert(trained(work), include="0.0"), work / "whole_sep.pt")
+    argv = ["convert", work / "whole_sep.pt", "-o", work / "out.pt", "--trust-pickle", "--input-shape", "1,1,28,28"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert [d.name for d in convsep.load(work / "out.pt").plan.converted] == ["0.0", "1.0", "3.0", "4.0"]
+
+
+def test_convert_parametrized_keep_reaches_convert(work, capsys):
+    assert run(_convert(work, "--parametrized", "keep"), capsys)[0] == 0
+    assert convsep.load(work / "out.pt").plan.parametrized == "keep"
+
+
+def test_convert_objective_latency_keeps_the_layers_measured_slower(work, capsys, monkeypatch):
+    monkeypatch.setattr("convsep.speed.paired_medians", lambda first, second, args, runs: (1.0, 2.0))  # pairs slower
+    code, _, err = run(_convert(work, "--input-shape", "1,1,28,28", "--objective", "latency"), capsys)
+    assert code == 0, err
+    assert "convsep: warning: no convolution of" in err
+    plan = convsep.load(work / "out.pt").plan
+    assert [d.reason[:32] for d in plan.layers] == ["kept for speed: the pair took 20"] * 4
+
+
+def test_objective_latency_without_input_shape_is_refused(work, capsys):
+    code, _, err = run(_convert(work, "--objective", "latency"), capsys)
+    assert code == 1 and err == (
+        "convsep: error: --objective latency needs --input-shape (like 1,3,224,224): MACs and timings depend on it\n"
+    )
 
 
 def test_budget_without_input_shape_is_refused(work, capsys):

@@ -1,9 +1,11 @@
 import copy
+import math
 import warnings
 
 import pytest
 import torch
 from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
 
 import convsep
 from convsep import SeparableConv2d
@@ -31,15 +33,28 @@ def test_full_rank_keeps_outputs_leaves_the_original_alone_and_trains(architectu
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+def expected_reason_to_keep(conv):
+    """Why convert must keep this conv at rank "full", from the conv itself; None if it must convert it."""
+    if math.prod(conv.kernel_size) == 1:
+        return "kernel has 1 element (already pointwise)"
+    if conv.groups == conv.in_channels:
+        return "already depthwise (groups == in_channels)"
+    if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and "forward" in vars(type(conv)):
+        return f"{type(conv).__name__} overrides forward, so a plain pair may compute something else; name it in include to convert"
+    return None
+
+
 def test_every_standard_conv_becomes_a_pair(architecture):
     name, model, _ = architecture
     converted = convsep.convert(model, rank="full")
     plan = converted.convsep_plan
+    assert plan.layers, name
     for decision in plan.layers:
         if decision.converted:
             assert isinstance(converted.get_submodule(decision.module), _SeparableConvNd), decision
-        else:
-            assert decision.reason, decision
+            continue
+        original = model.get_submodule(decision.name)
+        assert decision.reason == expected_reason_to_keep(original), decision  # only 1x1, depthwise and custom forward stay
 
 
 def test_rank_one_svd_beats_random_and_matches_eckart_young():
@@ -62,6 +77,20 @@ def test_rank_one_svd_beats_random_and_matches_eckart_young():
         assert decision.relative_error == pytest.approx(float(optimum), rel=1e-5)
 
 
+class ScaledConvForward(nn.Conv2d):
+    """Overrides only _conv_forward (as some quantised convs do): a plain pair would drop the scaling."""
+
+    def _conv_forward(self, x, weight, bias):
+        return 2 * super()._conv_forward(x, weight, bias)
+
+
+class NotAStandardConv(_ConvNd):
+    """A conv that derives from _ConvNd directly, not from nn.Conv1d/2d/3d."""
+
+    def __init__(self):
+        super().__init__(8, 8, (3, 3), (1, 1), (0, 0), (1, 1), False, (0, 0), 1, True, "zeros")
+
+
 def test_skipped_layers_carry_their_reason():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 1),
@@ -69,14 +98,66 @@ def test_skipped_layers_carry_their_reason():
         nn.Conv2d(8, 8, 3),
         nn.ConvTranspose2d(8, 8, 3),
         SubclassConvNet().same,
+        nn.Conv2d(2, 4, 3, groups=2),
+        nn.LazyConv2d(8, 3),
+        ScaledConvForward(8, 8, 3),
+        NotAStandardConv(),
+        nn.Conv2d(1, 4, 3),
     )
     plan = convsep.convert(model, rank=1).convsep_plan
-    reasons = {d.name: d.reason for d in plan.layers}
-    assert "already pointwise" in reasons["0"]
-    assert "already depthwise" in reasons["1"]
-    assert reasons["2"] == ""
-    assert "transposed" in reasons["3"]
-    assert "overrides forward" in reasons["4"]
+    assert {d.name: d.reason for d in plan.layers} == {
+        "0": "kernel has 1 element (already pointwise)",
+        "1": "already depthwise (groups == in_channels)",
+        "2": "",
+        "3": "transposed convolution (not supported)",
+        "4": "SamePaddingConv overrides forward, so a plain pair may compute something else; name it in include to convert",
+        "5": "already depthwise (groups == in_channels)",
+        "6": "lazy convolution not yet initialised: run one forward pass first",
+        "7": "ScaledConvForward overrides forward, so a plain pair may compute something else; name it in include to convert",
+        "8": "NotAStandardConv is not a standard convolution",
+        "9": "",  # one input channel: groups == in_channels, but a pair still has a choice of rank
+    }
+
+
+def test_include_and_exclude_callables_see_each_layers_name_and_module():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    plan = convsep.convert(
+        model, include=lambda name, module: name != "0", exclude=lambda name, module: module.out_channels == 16 and name == "2"
+    ).convsep_plan
+    assert {d.name: d.reason for d in plan.layers} == {
+        "0": "not matched by include",
+        "1": "",
+        "2": "excluded by exclude callable",
+    }
+
+
+def test_patterns_that_match_do_not_warn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convsep.convert(model, include=["0", "1*", "2"], exclude="2", ranks={"0": 2, "1*": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"include": ["0", "head.*"]}, "include pattern 'head.*' matched no convolution; check the names with model.named_modules()"),
+        ({"exclude": "head.*"}, "exclude pattern 'head.*' matched no convolution; check the names with model.named_modules()"),
+        ({"ranks": {"head.*": 2}}, "ranks pattern 'head.*' matched no convertible convolution"),
+    ],
+)
+def test_unmatched_pattern_warns_once_naming_it(kwargs, message):
+    with pytest.warns(UserWarning) as record:
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), **kwargs)
+    assert [str(w.message) for w in record] == [message]
+
+
+@pytest.mark.parametrize("kwargs", [{"include": ["0", "head.*"]}, {"ranks": {"head.*": 2}}])
+def test_unmatched_pattern_warning_points_at_the_callers_line(kwargs):
+    # Deselected in mutation runs (pyproject): mutmut's trampolines add stack frames.
+    with pytest.warns(UserWarning) as record:
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), **kwargs)
+    assert record[0].filename == __file__
 
 
 def test_conv_subclass_with_custom_forward_is_kept_unless_named():
@@ -276,3 +357,55 @@ def test_rebuild_reproduces_the_converted_architecture():
 def test_calibration_batches_without_data_is_refused():
     with pytest.raises(ValueError, match="calibration_batches=4 needs calibration_data"):
         convsep.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), calibration_batches=4)
+
+
+def test_rank_override_exact_name_wins_over_a_glob_listed_before_it():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    converted = convsep.convert(model, rank=1, ranks={"*": 2, "1": 3})
+    assert {d.name: d.rank for d in converted.convsep_plan.converted} == {"0": 2, "1": 3}
+
+
+def test_rank_override_first_matching_glob_wins():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    converted = convsep.convert(model, rank=1, ranks={"1*": 3, "*": 2})
+    assert {d.name: d.rank for d in converted.convsep_plan.converted} == {"0": 2, "1": 3}
+
+
+
+@pytest.mark.parametrize(
+    "parametrized, expected",
+    [
+        ("keep", [(False, "weight is computed by weight_norm: kept as it is by parametrized='keep'", ""), (True, "", "")]),
+        ("fold", [(True, "", "weight_norm"), (True, "", "")]),
+    ],
+)
+def test_weight_normed_conv_is_folded_or_kept_as_asked_and_plain_convs_convert_either_way(parametrized, expected):
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.Conv2d(8, 8, 3))
+    plan = convsep.convert(model, parametrized=parametrized).convsep_plan
+    assert [(d.converted, d.reason, d.folded) for d in plan.layers] == expected
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 1.5}, "budget=1.5 must lie in (0, 1]: it is the share of the original macs the converted model may keep (0.3 keeps 30%)"),
+        ({"budget": "0.3"}, "budget='0.3' (str) must be a number in (0, 1]: the share of the original cost to keep"),
+        ({"budget": 0.3, "budget_on": "flops"}, "budget_on='flops' is not known: use one of 'macs', 'params'"),
+        ({"budget": 0.3}, "budget=0.3 on MACs needs example_inputs, since MACs depend on the input size: pass e.g. "
+         "example_inputs=torch.randn(1, 3, 224, 224), or budget_on='params'"),
+        ({"budget": 0.3, "rank": 2, "example_inputs": X}, "rank=2 and budget=0.3 both choose the ranks: pass one of them "
+         "(per-layer overrides in ranks= still apply under a budget)"),
+        ({"rank": [1]}, "rank=[1] (list) is not a rank: use a positive int, 'full', or a float in (0, 1)"),
+        ({"exclude": 3}, "exclude=3 must be a glob pattern, a list of them, or a callable (name, module) -> bool"),
+        ({"exclude": ["a", 3]}, "exclude holds 3, which is not a string pattern"),
+        ({"ranks": [("a", 1)]}, "ranks=[('a', 1)] must be a dict of name pattern -> rank, like {'layer3.*': 2}"),
+        ({"ranks": {3: 1}}, "ranks has the key 3: keys must be name patterns (str)"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message_naming_them(kwargs, message):
+    with pytest.raises(convsep.ConvsepError) as info:
+        convsep.convert(nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)), **kwargs)
+    assert str(info.value) == message

@@ -69,10 +69,21 @@ def test_folder_batches_calibrate_a_model(image_folder):
 
 
 @pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("no_such_folder", ValueError, "'no_such_folder' is neither a folder nor an import string"),
+        (3, TypeError, "3"),
+    ],
+)
+def test_sources_that_are_neither_a_folder_nor_an_import_string_are_refused(spec, error, match):
+    with pytest.raises(error, match=match) as info:
+        load_batches(spec)
+    assert isinstance(info.value, convsep.ConvsepError)
+
+
+@pytest.mark.parametrize(
     "spec, kwargs, error, match",
     [
-        ("no_such_folder", {}, ValueError, "'no_such_folder' is neither a folder nor an import string"),
-        (3, {}, TypeError, "3"),
         ("EMPTY", {}, ValueError, "holds no image files"),
         ("IMAGES", {"channels": 2}, ValueError, "channels=2"),
         ("IMAGES", {"size": (4, 0)}, ValueError, r"size=\(4, 0\)"),

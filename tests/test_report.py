@@ -317,7 +317,7 @@ def test_latency_is_measured_per_layer_and_in_total():
         "device": "cpu", "threads": torch.get_num_threads(), "runs": 2, "warmup": 1, "statistic": "median"
     }  # fmt: skip
     text = str(report)
-    assert "ms before" in text and f"{torch.get_num_threads()} threads" in text and "latency (ms)" in text
+    assert "ms before" in text and f"on cpu, {torch.get_num_threads()} thread" in text and "latency (ms)" in text
     assert "latency_after_ms" in report.to_csv().splitlines()[0]
 
 
