@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -33,7 +34,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
-    """(batch, M*K, *positions): each input channel's receptive-field patch at each output position of `conv`
+    """(batch, M*K, positions, possibly flattened): each input channel's receptive-field patch at each output position of `conv`
     (with `every` > 1, at every `every`-th position along the last dimension).
 
     A depthwise conv with one-hot filters and conv's stride, padding, padding mode and dilation
@@ -41,6 +42,10 @@ def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
     """
     channels, kernel = x.shape[1], math.prod(conv.kernel_size)
     stride = (*conv.stride[:-1], conv.stride[-1] * every)
+    if len(conv.kernel_size) == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        # im2col: the same patches in the same (channel, tap) order, faster than the one-hot conv
+        # (for 1-d convs, unfold on a 1 x L image measured slower than the conv below)
+        return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, stride)
     extractor = type(conv)(
         channels, channels * kernel, conv.kernel_size, stride, conv.padding, conv.dilation,
         groups=channels, bias=False, padding_mode=conv.padding_mode, device="meta",
@@ -76,11 +81,11 @@ class InputMoments:
         every = sampling_step(conv)
         for start in range(0, x.shape[0], step):
             p = patches(x[start : start + step].detach(), conv, every)
-            m, k = self.second.shape[:2]
-            p = p.reshape(p.shape[0], m, k, -1).permute(1, 2, 0, 3).reshape(m, k, -1)  # (M, K, positions)
+            batch, (m, k) = p.shape[0], self.second.shape[:2]
+            p = p.reshape(batch * m, k, -1)  # a view: (sample, channel) pairs, no copy of the patches
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
-            self.second += torch.bmm(p, p.transpose(1, 2)).double()
-            self.count += p.shape[-1]
+            self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
+            self.count += batch * p.shape[-1]
 
 
 def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[Any], batches: Optional[int]) -> dict[str, InputMoments]:
