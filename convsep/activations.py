@@ -44,8 +44,14 @@ def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
     stride = (*conv.stride[:-1], conv.stride[-1] * every)
     if len(conv.kernel_size) == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         # im2col: the same patches in the same (channel, tap) order, faster than the one-hot conv
-        # (for 1-d convs, unfold on a 1 x L image measured slower than the conv below)
         return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, stride)
+    if len(conv.kernel_size) == 1 and not isinstance(conv.padding, str):
+        # 1-d: sliding windows are a view of the padded input; one copy puts taps before positions
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        (k,), (d,) = conv.kernel_size, conv.dilation
+        windows = padded.unfold(2, (k - 1) * d + 1, stride[0])[..., ::d]  # (batch, M, positions, K)
+        return windows.transpose(2, 3).reshape(x.shape[0], channels * kernel, -1)
     extractor = type(conv)(
         channels, channels * kernel, conv.kernel_size, stride, conv.padding, conv.dilation,
         groups=channels, bias=False, padding_mode=conv.padding_mode, device="meta",
@@ -81,11 +87,15 @@ class InputMoments:
         every = sampling_step(conv)
         for start in range(0, x.shape[0], step):
             p = patches(x[start : start + step].detach(), conv, every)
-            batch, (m, k) = p.shape[0], self.second.shape[:2]
-            p = p.reshape(batch * m, k, -1)  # a view: (sample, channel) pairs, no copy of the patches
+            batch, (m, k), positions = p.shape[0], self.second.shape[:2], p[0, 0].numel()
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
-            self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
-            self.count += batch * p.shape[-1]
+            if k > positions:  # long kernels: one K x K product per sample would outweigh the patches
+                p = p.reshape(batch, m, k, -1).permute(1, 2, 0, 3).reshape(m, k, -1)
+                self.second += torch.bmm(p, p.transpose(1, 2)).double()
+            else:  # a view, (sample, channel) pairs: no copy of the patches
+                p = p.reshape(batch * m, k, -1)
+                self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
+            self.count += batch * positions
 
 
 def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[Any], batches: Optional[int]) -> dict[str, InputMoments]:
