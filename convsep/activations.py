@@ -28,6 +28,7 @@ from . import distributed
 from .batches import as_args, split_batch
 from .devices import device_of, to_device
 from .probe import cannot_run, eval_mode
+from .standin import STANDARD_CONVS
 
 # Patch elements handled at once, to bound memory on large activations (K times the input).
 _CHUNK_ELEMENTS = 1 << 22
@@ -52,7 +53,7 @@ def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
         (k,), (d,) = conv.kernel_size, conv.dilation
         windows = padded.unfold(2, (k - 1) * d + 1, stride[0])[..., ::d]  # (batch, M, positions, K)
         return windows.transpose(2, 3).reshape(x.shape[0], channels * kernel, -1)
-    extractor = type(conv)(
+    extractor = STANDARD_CONVS[len(conv.kernel_size) - 1](  # the user's subclass may take other arguments
         channels, channels * kernel, conv.kernel_size, stride, conv.padding, conv.dilation,
         groups=channels, bias=False, padding_mode=conv.padding_mode, device="meta",
     )  # fmt: skip  (meta: only its settings are used, the filters are passed in)
@@ -86,7 +87,9 @@ class InputMoments:
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
         every = sampling_step(conv)
         for start in range(0, x.shape[0], step):
-            p = patches(x[start : start + step].detach(), conv, every)
+            chunk = x[start : start + step].detach()
+            # Products in float32 at least: half-precision sums round off more than the ridge adds.
+            p = patches(chunk if chunk.dtype == torch.float64 else chunk.float(), conv, every)
             batch, (m, k), positions = p.shape[0], self.second.shape[:2], p[0, 0].numel()
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
             if k > positions:  # long kernels: one K x K product per sample would outweigh the patches

@@ -61,9 +61,12 @@ def _convert(args: argparse.Namespace) -> int:
             needs = "--objective latency" if args.objective == "latency" else "--budget on MACs"
             raise ConvsepValueError(f"{needs} needs --input-shape (like 1,3,224,224): MACs and timings depend on it")
         calibration = None
+        if args.calibration_batches is not None and args.calibration_batches < 1:
+            raise ConvsepValueError(f"--calibration-batches {args.calibration_batches} must be a positive number of batches")
         if args.calibrate_with:
             image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
-            calibration = distributed.shard(load_batches(args.calibrate_with, **image_shape))
+            # --calibration-batches counts batches in all: the first N are shared out among the processes.
+            calibration = distributed.shard(load_batches(args.calibrate_with, **image_shape), args.calibration_batches)
         converted = convert(
             loaded.model,
             rank=args.rank,
@@ -76,9 +79,10 @@ def _convert(args: argparse.Namespace) -> int:
             budget_on=args.budget_on,
             objective=args.objective,
             calibration_data=calibration,
-            calibration_batches=args.calibration_batches,
+            calibration_batches=None if args.calibrate_with else args.calibration_batches,  # applied above
             parametrized=args.parametrized,
             allocate_by=args.allocate_by,
+            refit=args.refit,
         )
     plan = converted.convsep_plan
     considered = len(plan.layers) - (len(previous.converted) if previous else 0)
@@ -232,12 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--init", choices=("auto", "svd", "activation", "random"), default="auto",
         help="factorisation: 'svd' (least weight error), 'activation' (least output error on --calibrate-with data), "
-        "'auto' (activation with --calibrate-with, else svd; the default), or 'random'",
+        "'auto' (activation with --calibrate-with --no-refit, else svd; the default), or 'random'",
     )  # fmt: skip
     convert_parser.add_argument(
         "--allocate-by", choices=("auto", "weights", "activations"), default="auto",
         help="what --budget minimises: weight error, or output error predicted from --calibrate-with data "
-        "('auto', the default: activations when calibrating)",
+        "('auto', the default: activations with --calibrate-with --no-refit, else weights)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--no-refit", dest="refit", action="store_false",
+        help="use --calibrate-with only for the conversion (statistics for --init/--allocate-by), without refitting",
     )  # fmt: skip
     convert_parser.add_argument(
         "--parametrized", choices=PARAMETRIZED, default="fold",

@@ -200,7 +200,8 @@ def convert(
     selection.warn_unmatched()
     statistics = None
     if candidates and (init == "activation" or allocate_by == "activations"):
-        calibration_data = _rereadable(calibration_data, calibration_batches)
+        with distributed.together():  # a user's generator may fail on one process only
+            calibration_data = _rereadable(calibration_data, calibration_batches)
         statistics = _whiten(work, candidates, calibration_data, calibration_batches)
     budget_record = None
     if budget is None:
@@ -232,7 +233,9 @@ def convert(
     if calibration_data is not None and refit:
         work = calibrate(work, original, calibration_data, batches=calibration_batches, verbose=verbose)
     if verbose:
-        print(report(original, work, example_inputs) if wants_report else plan.summary())
+        shown = report(original, work, example_inputs) if wants_report else plan.summary()
+        if distributed.is_main():
+            print(shown)
     return work
 
 
@@ -311,7 +314,7 @@ def _convert_at(candidate: Candidate, rank: int, init: str) -> None:
         decision.relative_error = truncation_error(candidate.kernel.weight, candidate.conv.groups, factors, rank)
     elif factors is not None:
         decision.relative_error = discarded_energy_fraction(factors.S, rank) ** 0.5
-    if candidate.whitened is not None:  # the share of the layer's output energy this rank is predicted to lose
+    if factors is candidate.whitened and factors is not None:  # the share of the output energy this pair should lose
         decision.predicted_output_error = discarded_energy_fraction(candidate.whitened.S, rank) ** 0.5
 
 
@@ -516,16 +519,24 @@ def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], 
     with distributed.together():
         if distributed.is_main():
             work = _measured_faster(original, work, chosen, args, found, init)
+    for candidate in chosen:
+        if not candidate.decision.converted:  # kept for speed: no pair, so no error of one
+            candidate.decision.relative_error = candidate.decision.predicted_output_error = None
     decided = distributed.broadcast_object([_latency_decision(c.decision) for c in chosen])
     if not distributed.is_main():
         for candidate, decision in zip(chosen, decided):
-            candidate.decision.converted, candidate.decision.reason, candidate.decision.relative_error = decision
+            (candidate.decision.converted, candidate.decision.reason, candidate.decision.relative_error,
+             candidate.decision.predicted_output_error) = decision  # fmt: skip
         work = _apply(work, [c for c in chosen if c.decision.converted], found, init)
+    # Rank 0 drew random numbers for its timing inputs that the others did not: make the pairs agree.
+    for candidate in chosen:
+        if candidate.decision.converted and distributed.active():
+            distributed.broadcast_module(candidate.pair)
     return work
 
 
 def _latency_decision(decision: LayerDecision) -> tuple:
-    return decision.converted, decision.reason, decision.relative_error
+    return decision.converted, decision.reason, decision.relative_error, decision.predicted_output_error
 
 
 def _measured_faster(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:
@@ -609,9 +620,12 @@ def _whiten(work: nn.Module, candidates: list[Candidate], data: Any, batches: Op
         elif float(covariance.diagonal(dim1=1, dim2=2).sum()) == 0:
             decision.whitening = "weight SVD: its inputs on the calibration data are all zero"
         else:
-            candidate.whitened = whitened_channel_svd(
-                candidate.kernel.weight, candidate.conv.groups, covariance, ACTIVATION_RIDGE
-            )
-            decision.whitening = "activation"
+            try:
+                candidate.whitened = whitened_channel_svd(
+                    candidate.kernel.weight, candidate.conv.groups, covariance, ACTIVATION_RIDGE
+                )
+                decision.whitening = "activation"
+            except torch.linalg.LinAlgError:
+                decision.whitening = "weight SVD: its input covariance is not positive definite, even with the ridge"
     positions = max((m.count for m in moments.values()), default=0)
     return {"ridge": ACTIVATION_RIDGE, "positions_seen": positions}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -189,11 +190,15 @@ def together() -> Iterator[None]:
     raise shared
 
 
-def shard(batches: Iterable[Any]) -> Iterable[Any]:
-    """This rank's batches: batch i goes to rank i mod world size. Outside a group, all of them."""
+def shard(batches: Iterable[Any], limit: Optional[int] = None) -> Iterable[Any]:
+    """This rank's batches among the first `limit` (all if None): batch i goes to rank i mod world size.
+
+    Outside a group, the first `limit` batches. The limit counts batches over all ranks, so that
+    `--calibration-batches N` means N batches in all however many processes there are.
+    """
     if not active():
-        return batches
-    return _Shard(batches, rank(), world_size())
+        return batches if limit is None else _Shard(batches, 0, 1, limit)
+    return _Shard(batches, rank(), world_size(), limit)
 
 
 class _Shard:
@@ -203,18 +208,22 @@ class _Shard:
     never decodes the batches of the others.
     """
 
-    def __init__(self, batches: Iterable[Any], start: int, step: int) -> None:
-        self.batches, self.start, self.step = batches, start, step
+    def __init__(self, batches: Iterable[Any], start: int, step: int, limit: Optional[int] = None) -> None:
+        self.batches, self.start, self.step, self.limit = batches, start, step, limit
+
+    def _stop(self) -> int:
+        count = len(self.batches)  # type: ignore[arg-type]
+        return count if self.limit is None else min(count, self.limit)
 
     def __len__(self) -> int:
-        return max(0, -(-(len(self.batches) - self.start) // self.step))  # type: ignore[arg-type]
+        return max(0, -(-(self._stop() - self.start) // self.step))
 
     def __iter__(self) -> Iterator[Any]:
         if hasattr(self.batches, "__getitem__") and hasattr(self.batches, "__len__"):
-            for index in range(self.start, len(self.batches), self.step):
+            for index in range(self.start, self._stop(), self.step):
                 yield self.batches[index]
             return
-        for index, batch in enumerate(self.batches):
+        for index, batch in enumerate(itertools.islice(self.batches, self.limit)):
             if index % self.step == self.start:
                 yield batch
 

@@ -246,3 +246,25 @@ def test_allocating_by_activations_spends_the_ranks_where_the_output_error_is():
     assert ranks["weights"]["a"] == "keep" or ranks["weights"]["a"] > ranks["weights"]["b"]
     assert ranks["activations"]["b"] == "keep" or ranks["activations"]["b"] > ranks["activations"]["a"]
     assert predicted["activations"] < 0.8 * predicted["weights"]
+
+
+def test_half_precision_models_gather_their_statistics_in_float32():
+    """bf16 sums would round off more than the ridge adds, and the covariance would not be positive definite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1)).to(torch.bfloat16).eval()
+    x = torch.randn(8, 3, 12, 12)
+    x[:, 0] = 100 * torch.linspace(0, 1, 12) + 0.01 * x[:, 0]  # one loud, smooth channel
+    converted = convsep.convert(model, rank=2, calibration_data=[x.to(torch.bfloat16)], refit=False)
+    assert converted.convsep_plan.converted[0].whitening == "activation"
+    assert all(torch.isfinite(p.float()).all() for p in converted.parameters())
+
+
+def test_conv_subclasses_with_their_own_constructor_get_statistics():
+    class Cube(nn.Conv3d):
+        def __init__(self, channels):
+            super().__init__(channels, 8, 3, padding=1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Cube(2)).eval()
+    converted = convsep.convert(model, rank=1, include="0", calibration_data=[torch.randn(2, 2, 5, 5, 5)], refit=False)
+    assert converted.convsep_plan.converted[0].whitening == "activation"

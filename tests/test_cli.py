@@ -821,3 +821,23 @@ def test_finetune_needs_a_teacher(work, capsys):
     sep = _converted_checkpoint(work, capsys)
     code, _, err = run(["finetune", sep, "-o", work / "ft.pt", "--data", "x:y"], capsys)
     assert code == 2 and "--teacher" in err
+
+
+def test_no_refit_uses_the_calibration_data_for_the_conversion_only(tmp_path):
+    from convsep.cli import main as cli_main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
+    torch.save(model.state_dict(), tmp_path / "in.pt")
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3))\n"
+        "def data():\n    torch.manual_seed(1)\n    return [torch.randn(4, 3, 8, 8) for _ in range(3)]\n"
+    )
+    common = ["--model", f"{tmp_path / 'net.py'}:build", "--calibrate-with", f"{tmp_path / 'net.py'}:data"]
+    assert cli_main(["convert", str(tmp_path / "in.pt"), "-o", str(tmp_path / "aware.pt"), *common, "--no-refit"]) == 0
+    assert cli_main(["convert", str(tmp_path / "in.pt"), "-o", str(tmp_path / "refit.pt"), *common,
+                     "--calibration-batches", "2"]) == 0  # fmt: skip
+    aware, refit = convsep.load(tmp_path / "aware.pt").plan, convsep.load(tmp_path / "refit.pt").plan
+    assert aware.init == "activation" and aware.calibration is None
+    assert refit.init == "svd" and refit.calibration["batches"] == 2
