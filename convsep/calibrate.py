@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
+from .activations import patches
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .errors import ConvsepTypeError, ConvsepValueError
@@ -378,14 +379,9 @@ class _LayerStats:
         self.initial_error = 0.0  # sum of (pair(X_original) - Y)^2 before the refit
 
     def _features(self, x: Tensor) -> Tensor:
-        depthwise = self.pair.depthwise
-        if not self.patches:
-            return depthwise(x)
-        # A depthwise conv with one-hot filters extracts every input channel's patches, with the
-        # depthwise conv's own stride, padding, padding mode and dilation, in any number of dims.
-        channels = self.pair.in_channels
-        one_hot = torch.eye(self.kernel, dtype=x.dtype, device=x.device).repeat(channels, 1)
-        return depthwise._conv_forward(x, one_hot.reshape(channels * self.kernel, 1, *depthwise.kernel_size), None)
+        # The depthwise outputs, or every input channel's patches at the depthwise conv's output positions
+        # (positions possibly flattened: only their count and order matter here).
+        return patches(x, self.pair.depthwise) if self.patches else self.pair.depthwise(x)
 
     def add(self, x: Tensor, y: Tensor, name: str) -> None:
         dims = self.pair.depthwise.weight.dim() - 2
@@ -396,10 +392,10 @@ class _LayerStats:
         for start in range(0, x.shape[0], step):
             features = self._features(x[start : start + step])
             target = y[start : start + step]
-            if features.shape[2:] != target.shape[2:] or target.shape[1] != self.pair.out_channels:
+            if features[0, 0].numel() != target[0, 0].numel() or target.shape[1] != self.pair.out_channels:
                 raise ConvsepValueError(
                     f"layer {name!r}: the original layer's outputs {tuple(target.shape)} do not match the pair's "
-                    f"{(features.shape[0], self.pair.out_channels, *features.shape[2:])}"
+                    f"{self.pair.out_channels} channels at {features[0, 0].numel()} positions"
                 )
             # Products in the model's dtype (float32 sums over one chunk are accurate enough and twice
             # as fast as float64), accumulated over chunks and batches in float64.
