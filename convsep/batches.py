@@ -7,6 +7,7 @@ such a batch as ((x1, x2), targets).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
@@ -28,3 +29,13 @@ def split_batch(batch: Any, where: str = "a batch") -> tuple[Any, Optional[torch
 def as_args(inputs: Any) -> tuple:
     """Positional arguments for model(*args): a tensor is one argument, a tuple of tensors several."""
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def rereadable(data: Any, limit: Optional[int] = None) -> Any:
+    """Data that can be iterated more than once: a one-shot iterator (a generator) is read into a list,
+    at most `limit` batches of it; anything else (a list, a DataLoader, not iterable at all) as it is."""
+    try:
+        iterator = iter(data)
+    except TypeError:
+        return data  # the caller says what is wrong with it
+    return list(itertools.islice(iterator, limit)) if iterator is data else data

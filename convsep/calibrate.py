@@ -41,10 +41,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
 from .activations import patches
-from .batches import as_args, split_batch
+from .batches import as_args, rereadable, split_batch
 from .devices import device_of, on_device, parse_device, to_device
-from .errors import ConvsepTypeError, ConvsepValueError
 from .eager import require_eager
+from .errors import ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
@@ -204,14 +204,11 @@ class _Batches:
             raise ConvsepTypeError(
                 "calibration data is a single tensor, which would be iterated sample by sample: pass a list of batches, e.g. [x]"
             )
-        try:
-            iterator = iter(data)
-        except TypeError:
+        if not hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):
             raise ConvsepTypeError(
                 f"calibration data must be an iterable of batches (a list, a DataLoader, ...), got {type(data).__name__}"
-            ) from None
-        # A one-shot iterator cannot be read once per layer: keep what it yields.
-        self.data = list(itertools.islice(iterator, limit)) if iterator is data else data
+            )
+        self.data = rereadable(data, limit)  # it is read once per layer
         self.limit, self.device = limit, device
         self.samples = 0
         self.count: Optional[int] = None  # batches per pass, known once a pass has ended (or from len())

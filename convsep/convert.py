@@ -9,7 +9,6 @@ calls a pair instead (see trace.py, which also copes with untraceable models).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
+from .aware import resolve_choices, whiten
+from .batches import rereadable
 from .budget import allocate, cheapest_cost, options_from_spectrum
 from .calibrate import calibrate
 from .count import (
@@ -34,26 +35,22 @@ from .count import (
 )
 from .eager import require_eager
 from .errors import ConvsepValueError
-from .activations import input_moments
-from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error, whitened_channel_svd
+from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error
 from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
 from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
 from .probe import example_args, probe
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
 from .report import report
-from .standin import plain_conv
 from .select import LayerFilter, Patterns, conv_why_not, is_candidate, layer_why_not
 from .speed import drop_slower_pairs, model_seconds
+from .standin import plain_conv
 from .trace import Discovery, FunctionalConv, discover, parameter, rewrite
 from .version import __version__
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("macs", "latency")
-CONVERT_INITS = ("auto", "svd", "activation", "random")
-ALLOCATE_BY = ("auto", "weights", "activations")
-ACTIVATION_RIDGE = 1e-3  # relative to the layer's mean input energy per patch element: keeps Sigma_c invertible
 LATENCY_RUNS = 7  # timed passes per comparison (median), after warm-up
 LATENCY_MARGIN = 0.05  # a pair must be this much faster than its conv to be worth the change
 
@@ -168,7 +165,7 @@ def convert(
     rank = validate_rank(rank)
     budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
-    init, allocate_by = _data_aware_choices(init, allocate_by, calibration_data, refit)
+    init, allocate_by = resolve_choices(init, allocate_by, calibration_data, refit)
     if parametrized not in PARAMETRIZED:
         raise ConvsepValueError(
             f"parametrized={parametrized!r} is not known: use one of {', '.join(map(repr, PARAMETRIZED))}"
@@ -201,8 +198,8 @@ def convert(
     statistics = None
     if candidates and (init == "activation" or allocate_by == "activations"):
         with distributed.together():  # a user's generator may fail on one process only
-            calibration_data = _rereadable(calibration_data, calibration_batches)
-        statistics = _whiten(work, candidates, calibration_data, calibration_batches)
+            calibration_data = rereadable(calibration_data, calibration_batches)  # read twice: statistics, calibration
+        statistics = whiten(work, candidates, calibration_data, calibration_batches)
     budget_record = None
     if budget is None:
         for candidate in candidates:
@@ -572,60 +569,3 @@ def _swap(root: nn.Module, swaps: dict[int, nn.Module]) -> nn.Module:
                 parent._modules[child_name] = swaps[id(child)]
     return root
 
-
-def _data_aware_choices(init: str, allocate_by: str, data: Any, refit: bool) -> tuple[str, str]:
-    """init and allocate_by with "auto" resolved by what measured best (benchmarks/rank_policies.py): activation-aware
-    when the data serves the conversion alone; the weight SVD and weight error when calibration refits the pairs."""
-    if init not in CONVERT_INITS:
-        raise ConvsepValueError(f"init={init!r} is not known: use one of {', '.join(map(repr, CONVERT_INITS))}")
-    if allocate_by not in ALLOCATE_BY:
-        raise ConvsepValueError(f"allocate_by={allocate_by!r} is not known: use one of {', '.join(map(repr, ALLOCATE_BY))}")
-    for name, value, needs in (("init", init, "activation"), ("allocate_by", allocate_by, "activations")):
-        if value == needs and data is None:
-            raise ConvsepValueError(f"{name}={value!r} needs calibration_data: the inputs the layers see")
-    aware = data is not None and not refit
-    if init == "auto":
-        init = "activation" if aware else "svd"
-    if allocate_by == "auto":
-        allocate_by = "activations" if aware else "weights"
-    return init, allocate_by
-
-
-def _rereadable(data: Any, batches: Optional[int]) -> Any:
-    """Data that can be read twice (the statistics pass, then calibration): a one-shot iterator is kept in a list."""
-    try:
-        iterator = iter(data)
-    except TypeError:
-        return data  # calibrate says what is wrong with it
-    return list(itertools.islice(iterator, batches)) if iterator is data else data
-
-
-def _whiten(work: nn.Module, candidates: list[Candidate], data: Any, batches: Optional[int]) -> dict:
-    """Each module conv's input moments from one pass of the (not yet converted) model, and its whitened SVD.
-
-    Layers the data cannot speak for keep the weight SVD, with the reason in their decision.
-    """
-    convs = {c.decision.name: c.conv for c in candidates if c.site is None}
-    moments = input_moments(work, convs, data, batches)
-    for candidate in candidates:
-        decision = candidate.decision
-        if candidate.site is not None:
-            decision.whitening = "weight SVD: activation statistics are gathered for module convs only"
-            continue
-        covariance = moments[decision.name].covariance()
-        if covariance is None:
-            decision.whitening = "weight SVD: the calibration data never reached this layer"
-        elif not bool(torch.isfinite(covariance).all()):
-            decision.whitening = "weight SVD: its inputs on the calibration data are not finite"
-        elif float(covariance.diagonal(dim1=1, dim2=2).sum()) == 0:
-            decision.whitening = "weight SVD: its inputs on the calibration data are all zero"
-        else:
-            try:
-                candidate.whitened = whitened_channel_svd(
-                    candidate.kernel.weight, candidate.conv.groups, covariance, ACTIVATION_RIDGE
-                )
-                decision.whitening = "activation"
-            except torch.linalg.LinAlgError:
-                decision.whitening = "weight SVD: its input covariance is not positive definite, even with the ridge"
-    positions = max((m.count for m in moments.values()), default=0)
-    return {"ridge": ACTIVATION_RIDGE, "positions_seen": positions}
