@@ -1,15 +1,17 @@
-"""What a layer's inputs look like: the second moments the activation-aware factorisation needs.
+"""What a layer's inputs look like: the second moments the activation-aware conversion needs.
 
-For each conv, one pass of the model over (some) calibration batches accumulates, per input
-channel c, Sigma_c = E[x_c x_c^T] over every output position, x_c the K-vector patch of channel
-c that the conv reads there (with its own stride, padding, padding mode and dilation): a
-(M, K, K) tensor per layer. Extracting the patches and summing their products costs about
-2 M K^2 multiply-adds per position against the conv's N M K / g, so for long kernels with few
-outputs per group (a 64-tap 1-d conv with 64 outputs per group) it would cost more than the
-conv: positions are then sampled, every s-th along the last dimension with s = ceil(4 K g / N),
-which keeps the pass near half the conv's cost; a K x K covariance needs far fewer positions
-than such layers have. Under torchrun the sums are added over the processes. See factorize.py for how
-the factorisation uses them, and why cross-channel terms are left out.
+For each conv, one pass of the model over (some) calibration batches accumulates sums over x,
+the patches the conv reads at each output position (with its own stride, padding, padding
+mode and dilation), taken `block` input channels at a time: E[x_B x_B^T] for every block B of
+channels, a (M/b, bK, bK) tensor per layer, and E[x]. With b = 1 these are the per-channel
+K x K moments the whitened factorisation needs (factorize.py); the refit-aware allocation
+(refit_error.py) needs the cross-channel terms, b = the channels of a group, or the largest
+block that keeps the moments under _BLOCK_ELEMENTS numbers.
+
+Cost. The sums cost M b K^2 multiply-adds per position against the conv's N M K / g, so only
+every s-th position is used, s = ceil(c b K g / N): c = 4 for b = 1 keeps the pass near half
+the conv's cost (a K x K moment needs few positions), c = 1 for blocks, about the conv's cost,
+since a bK x bK moment needs many more. Under torchrun the sums are added over the processes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .standin import STANDARD_CONVS
 
 # Patch elements handled at once, to bound memory on large activations (K times the input).
 _CHUNK_ELEMENTS = 1 << 22
+# Numbers kept per layer for the cross-channel moments (float64: 256 MiB): 4,608 x 4,608 for a
+# 512-channel 3x3 conv fits whole, 1,024 channels of 64 taps go in blocks of 8 channels.
+_BLOCK_ELEMENTS = 1 << 25
 
 
 def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
@@ -61,57 +66,109 @@ def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
     return extractor._conv_forward(x, one_hot.reshape(channels * kernel, 1, *conv.kernel_size), None)
 
 
-def sampling_step(conv: _ConvNd) -> int:
-    """Every how many positions (along the last dim) the statistics look: 1 unless the kernel is long
-    against the outputs per group (see the module docstring). String paddings ('same') need stride 1."""
-    if isinstance(conv.padding, str):
+def sampling_step(conv: _ConvNd, block: int = 1) -> int:
+    """Every how many positions the statistics look: 1 unless the moments cost more than about the conv
+    (see the module docstring). String paddings ('same') need stride 1 for the per-channel moments."""
+    if block == 1 and isinstance(conv.padding, str):
         return 1
-    return max(1, math.ceil(4 * math.prod(conv.kernel_size) * conv.groups / conv.out_channels))
+    per_position = (4 if block == 1 else 1) * block * math.prod(conv.kernel_size) * conv.groups
+    return max(1, math.ceil(per_position / conv.out_channels))
+
+
+def cross_channel_block(conv: _ConvNd) -> int:
+    """Channels per block of the cross-channel moments: all of a group's, or the largest divisor that fits."""
+    per_group, k = conv.in_channels // conv.groups, math.prod(conv.kernel_size)
+    fits = max(1, _BLOCK_ELEMENTS // (conv.in_channels * k * k))
+    return max(b for b in range(1, min(per_group, fits) + 1) if per_group % b == 0)
 
 
 @dataclass
 class InputMoments:
-    """Sums over a conv's input patches: sum x_c x_c^T per channel, and how many positions."""
+    """Sums over a conv's input patches, b channels at a time: x_B x_B^T per block, x, and how many positions."""
 
-    second: Tensor  # (M, K, K), float64
+    second: Tensor  # (M/b, bK, bK), float64
+    first: Tensor  # (M*K,), float64
+    kernel: int  # K, taps per channel
     count: int = 0
+    offered: int = 0  # positions seen before sampling: where the next sample starts
+
+    @classmethod
+    def empty(cls, conv: _ConvNd, block: int, device) -> InputMoments:
+        k = math.prod(conv.kernel_size)
+        m = conv.in_channels
+        second = torch.zeros(m // block, block * k, block * k, dtype=torch.float64, device=device)
+        return cls(second, torch.zeros(m * k, dtype=torch.float64, device=device), k)
+
+    @property
+    def block(self) -> int:
+        return self.second.shape[1] // self.kernel
 
     def covariance(self) -> Optional[Tensor]:
-        """E[x_c x_c^T], or None when the data never reached the layer."""
+        """E[x_B x_B^T] (M/b, bK, bK), or None when the data never reached the layer."""
         return self.second / self.count if self.count else None
+
+    def channel_covariance(self) -> Optional[Tensor]:
+        """E[x_c x_c^T] per channel (M, K, K): the diagonal blocks; None when the data never reached the layer."""
+        covariance = self.covariance()
+        if covariance is None or self.block == 1:
+            return covariance
+        blocks, b, k = covariance.shape[0], self.block, self.kernel
+        diagonal = covariance.reshape(blocks, b, k, b, k).diagonal(dim1=1, dim2=3)  # (blocks, K, K, b)
+        return diagonal.permute(0, 3, 1, 2).reshape(blocks * b, k, k)
+
+    def mean(self) -> Optional[Tensor]:
+        return self.first / self.count if self.count else None
 
     def add(self, x: Tensor, conv: _ConvNd) -> None:
         if x.dim() == len(conv.kernel_size) + 1:  # an unbatched call
             x = x.unsqueeze(0)
-        per_sample = x[:1].numel() * math.prod(conv.kernel_size)
+        per_sample = x[:1].numel() * self.kernel
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
-        every = sampling_step(conv)
+        every = sampling_step(conv, self.block)
         for start in range(0, x.shape[0], step):
             chunk = x[start : start + step].detach()
             # Products in float32 at least: half-precision sums round off more than the ridge adds.
-            p = patches(chunk if chunk.dtype == torch.float64 else chunk.float(), conv, every)
-            batch, (m, k), positions = p.shape[0], self.second.shape[:2], p[0, 0].numel()
+            chunk = chunk if chunk.dtype == torch.float64 else chunk.float()
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
-            if k > positions:  # long kernels: one K x K product per sample would outweigh the patches
-                p = p.reshape(batch, m, k, -1).permute(1, 2, 0, 3).reshape(m, k, -1)
-                self.second += torch.bmm(p, p.transpose(1, 2)).double()
-            else:  # a view, (sample, channel) pairs: no copy of the patches
-                p = p.reshape(batch * m, k, -1)
-                self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
-            self.count += batch * positions
+            if self.block == 1:
+                self._add_channels(patches(chunk, conv, every))
+            else:
+                self._add_blocks(patches(chunk, conv), every)
+
+    def _add_channels(self, p: Tensor) -> None:
+        batch, (m, k), positions = p.shape[0], self.second.shape[:2], p[0, 0].numel()
+        self.first += p.reshape(batch, m * k, -1).sum(dim=(0, 2)).double()
+        if k > positions:  # long kernels: one K x K product per sample would outweigh the patches
+            p = p.reshape(batch, m, k, -1).permute(1, 2, 0, 3).reshape(m, k, -1)
+            self.second += torch.bmm(p, p.transpose(1, 2)).double()
+        else:  # a view, (sample, channel) pairs: no copy of the patches
+            p = p.reshape(batch * m, k, -1)
+            self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
+        self.count += batch * positions
+
+    def _add_blocks(self, p: Tensor, every: int) -> None:
+        rows = p.reshape(p.shape[0], p.shape[1], -1).transpose(1, 2).reshape(-1, p.shape[1])  # (positions, M*K)
+        start = -self.offered % every  # continue the sampling phase across chunks and batches
+        self.offered += rows.shape[0]
+        rows = rows[start::every]
+        blocks = rows.reshape(rows.shape[0], self.second.shape[0], -1).transpose(0, 1)  # (M/b, n, bK)
+        self.second += torch.bmm(blocks.mT, blocks).double()
+        self.first += rows.sum(dim=0).double()
+        self.count += rows.shape[0]
 
 
-def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[Any], batches: Optional[int]) -> dict[str, InputMoments]:
-    """One pass of `model` (eval mode, no grad) over at most `batches` batches of `data`: each conv's input moments.
+def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[Any], batches: Optional[int],
+                  cross_channel: bool = False) -> dict[str, InputMoments]:  # fmt: skip
+    """One pass of `model` (eval mode, no grad) over at most `batches` batches of `data`: each conv's input moments,
+    per channel, or with `cross_channel` over blocks of channels (cross_channel_block).
 
     Collective under a process group: the sums are added over the processes.
     """
     device = device_of(model)
     moments = {
-        name: InputMoments(torch.zeros(conv.in_channels, math.prod(conv.kernel_size), math.prod(conv.kernel_size),
-                                       dtype=torch.float64, device=device))
+        name: InputMoments.empty(conv, cross_channel_block(conv) if cross_channel else 1, device)
         for name, conv in convs.items()
-    }  # fmt: skip
+    }
     hooks = []
     for name, conv in convs.items():
         def keep(module, args, name=name):
@@ -132,7 +189,7 @@ def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[An
             handle.remove()
     if distributed.active():
         counts = torch.tensor([m.count for m in moments.values()], dtype=torch.float64)
-        distributed.all_sum([m.second for m in moments.values()] + [counts])
+        distributed.all_sum([m.second for m in moments.values()] + [m.first for m in moments.values()] + [counts])
         for m, count in zip(moments.values(), counts.tolist()):
             m.count = int(count)
     return moments

@@ -1,10 +1,14 @@
 """Activation-aware conversion: which factorisation and which allocation the calibration data allows.
 
 `resolve_choices` settles init="auto" / allocate_by="auto" by what measured best on a trained model
-(benchmarks/rank_policies.py: activation-aware before any refit, the weight SVD when calibration
-follows); `whiten` gives each candidate layer its whitened SVD (factorize.whitened_channel_svd) from
-the input moments of one pass over the data (activations.py), or says why the layer keeps the
-weight SVD. The candidates are convert's: anything with .decision, .conv, .kernel, .site, .whitened.
+(benchmarks/rank_policies.py): with data, ranks go where the predicted output error is lowest;
+the whitened factorisation only when the data serves the conversion alone (after calibration
+the weight SVD did as well or better). `gather` makes one pass over the data for the input
+moments and gives each candidate layer what they allow: its whitened SVD
+(factorize.whitened_channel_svd), and for an allocation that calibration will follow, its
+output error after the pointwise refit at every rank (refit_error.py); where the data cannot
+speak for a layer, the weight SVD and weight error, with the reason. The candidates are
+convert's: anything with .decision, .conv, .kernel, .site, .whitened, .refit_errors, .factors().
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from .activations import input_moments
 from .errors import ConvsepValueError
 from .factorize import whitened_channel_svd
+from .refit_error import refit_errors
 
 CONVERT_INITS = ("auto", "svd", "activation", "random")
 ALLOCATE_BY = ("auto", "weights", "activations")
@@ -33,40 +38,50 @@ def resolve_choices(init: str, allocate_by: str, data: Any, refit: bool) -> tupl
     for name, value, needs in (("init", init, "activation"), ("allocate_by", allocate_by, "activations")):
         if value == needs and data is None:
             raise ConvsepValueError(f"{name}={value!r} needs calibration_data: the inputs the layers see")
-    aware = data is not None and not refit
     if init == "auto":
-        init = "activation" if aware else "svd"
+        init = "activation" if data is not None and not refit else "svd"
     if allocate_by == "auto":
-        allocate_by = "activations" if aware else "weights"
+        allocate_by = "activations" if data is not None else "weights"
     return init, allocate_by
 
 
-def whiten(work: nn.Module, candidates: list, data: Any, batches: Optional[int]) -> dict:
-    """Each module conv's input moments from one pass of the (not yet converted) model, and its whitened SVD.
+def gather(work: nn.Module, candidates: list, data: Any, batches: Optional[int], init: str, whitened: bool,
+           refit_aware: bool) -> dict:  # fmt: skip
+    """One pass of the (not yet converted) model over the data: each module conv's input moments, and from them its
+    whitened SVD (`whitened`) and its output errors after the refit (`refit_aware`, for the allocation).
 
-    Layers the data cannot speak for keep the weight SVD, with the reason in their decision.
+    Layers the data cannot speak for keep the weight SVD and weight error, with the reason in their decision.
     """
     convs = {c.decision.name: c.conv for c in candidates if c.site is None}
-    moments = input_moments(work, convs, data, batches)
+    moments = input_moments(work, convs, data, batches, cross_channel=refit_aware)
     for candidate in candidates:
         decision = candidate.decision
-        if candidate.site is not None:
-            decision.whitening = "weight SVD: activation statistics are gathered for module convs only"
-            continue
-        covariance = moments[decision.name].covariance()
-        if covariance is None:
-            decision.whitening = "weight SVD: the calibration data never reached this layer"
-        elif not bool(torch.isfinite(covariance).all()):
-            decision.whitening = "weight SVD: its inputs on the calibration data are not finite"
-        elif float(covariance.diagonal(dim1=1, dim2=2).sum()) == 0:
-            decision.whitening = "weight SVD: its inputs on the calibration data are all zero"
-        else:
+        reason = None if candidate.site is None else "activation statistics are gathered for module convs only"
+        covariance = moments[decision.name].channel_covariance() if reason is None else None
+        if reason is None and covariance is None:
+            reason = "the calibration data never reached this layer"
+        elif reason is None and not bool(torch.isfinite(covariance).all()):
+            reason = "its inputs on the calibration data are not finite"
+        elif reason is None and float(covariance.diagonal(dim1=1, dim2=2).sum()) == 0:
+            reason = "its inputs on the calibration data are all zero"
+        if reason is None and whitened:
             try:
                 candidate.whitened = whitened_channel_svd(
                     candidate.kernel.weight, candidate.conv.groups, covariance, ACTIVATION_RIDGE
                 )
-                decision.whitening = "activation"
             except torch.linalg.LinAlgError:
-                decision.whitening = "weight SVD: its input covariance is not positive definite, even with the ridge"
+                reason = "its input covariance is not positive definite, even with the ridge"
+        if whitened:
+            decision.whitening = "activation" if reason is None else f"weight SVD: {reason}"
+        if refit_aware:
+            if reason is None:
+                layer = moments[decision.name]
+                basis = (candidate.factors(init) or candidate.spectrum()).Vh  # random init: the SVD's span
+                candidate.refit_errors = refit_errors(
+                    candidate.kernel.weight, candidate.kernel.bias, candidate.conv.groups, basis, layer.covariance(),
+                    layer.mean(), basis.shape[1], ACTIVATION_RIDGE,
+                )  # fmt: skip
+            else:
+                decision.allocation = f"weight error: {reason}"
     positions = max((m.count for m in moments.values()), default=0)
     return {"ridge": ACTIVATION_RIDGE, "positions_seen": positions}

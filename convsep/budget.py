@@ -70,20 +70,29 @@ class LayerOptions:
 def options_from_spectrum(S: torch.Tensor, keep_cost: float, cost_per_rank: float) -> LayerOptions:
     """Options of a layer whose channels have singular values S (M, q) and whose pair costs r * cost_per_rank.
 
-    Lists the ranks that cost less than keeping the layer; error(r) is the squared relative
-    weight error, the share of energy in the singular values beyond r.
+    error(r) is the squared relative weight error, the share of energy in the singular values beyond r.
     """
+    return options_from_errors(spectrum_errors(S), keep_cost, cost_per_rank)
+
+
+def spectrum_errors(S: torch.Tensor) -> list[float]:
+    """Squared relative error at ranks 1..q when every channel (row of S) keeps its r largest values."""
     energy = S.detach().double().square().sum(dim=0)  # (q,): what the j-th value of every channel holds
     total = float(energy.sum())
     kept_share = (energy.cumsum(0) / total).tolist() if total > 0 else [1.0] * energy.numel()
-    costs, errors = [], []
-    for r, share in enumerate(kept_share, start=1):
+    return [max(0.0, 1.0 - share) for share in kept_share]
+
+
+def options_from_errors(errors: Sequence[float], keep_cost: float, cost_per_rank: float) -> LayerOptions:
+    """Options of a layer with error errors[r - 1] at rank r: the ranks that cost less than keeping it."""
+    costs, kept = [], []
+    for r, error in enumerate(errors, start=1):
         cost = r * cost_per_rank
         if cost >= keep_cost:
             break
         costs.append(cost)
-        errors.append(max(0.0, 1.0 - share))
-    return LayerOptions(keep_cost, tuple(costs), tuple(errors))
+        kept.append(error)
+    return LayerOptions(keep_cost, tuple(costs), tuple(kept))
 
 
 @dataclass

@@ -173,6 +173,8 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
     message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
     if predicted is not None:
         message += f" (as converted, on the original's inputs: predicted {predicted:.4f}, measured {initial:.4f})"
+    if layer.decision.predicted_refit_error is not None:
+        message += f" (predicted after the refit: {layer.decision.predicted_refit_error:.4f})"
     log.info("%s", message)
     if verbose:
         (progress.write if progress is not None else print)(message)

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--allocate-by", choices=("auto", "weights", "activations"), default="auto",
         help="what --budget minimises: weight error, or output error predicted from --calibrate-with data "
-        "('auto', the default: activations with --calibrate-with --no-refit, else weights)",
+        "(after the refit, unless --no-refit; 'auto', the default: activations with --calibrate-with, else weights)",
     )  # fmt: skip
     convert_parser.add_argument(
         "--no-refit", dest="refit", action="store_false",

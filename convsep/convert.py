@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
-from .aware import resolve_choices, whiten
+from .aware import gather, resolve_choices
 from .batches import rereadable
-from .budget import allocate, cheapest_cost, options_from_spectrum
+from .budget import allocate, cheapest_cost, options_from_errors, spectrum_errors
 from .calibrate import calibrate
 from .count import (
     break_even_rank,
@@ -65,6 +65,7 @@ class Candidate:
     folded: Optional[_ConvNd] = None  # for a conv whose weight is computed: a plain conv holding its value
     svd: Optional[ChannelSVD] = None
     whitened: Optional[ChannelSVD] = None  # the activation-aware factorisation, when the data allowed one
+    refit_errors: Optional[list[float]] = None  # predicted output error after calibration's refit, per rank
     pair: Optional[nn.Module] = None  # the replacement, once built
 
     @property
@@ -84,9 +85,12 @@ class Candidate:
             return self.whitened
         return self.spectrum() if init in ("svd", "activation") else None
 
-    def allocation_spectrum(self, by: str) -> torch.Tensor:
-        """The singular values whose discarded energy is the error the budget trades: weights' or outputs'."""
-        return self.whitened.S if by == "activations" and self.whitened is not None else self.spectrum().S
+    def allocation_errors(self, by: str) -> list[float]:
+        """The squared relative error per rank that the budget trades: the output's (after calibration's refit when
+        one follows, else of the whitened pair as converted), or the weights' where the data could not tell."""
+        if by == "activations" and self.refit_errors is not None:
+            return self.refit_errors
+        return spectrum_errors(self.whitened.S if by == "activations" and self.whitened is not None else self.spectrum().S)
 
     def build_pair(self, svd: Optional[ChannelSVD] = None) -> nn.Module:
         """The pair at the decided rank: SVD factors when `svd` is given, else random init."""
@@ -152,9 +156,12 @@ def convert(
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
         records what was folded (`decision.folded`). "keep" leaves such convs as they are.
     allocate_by: what the error `budget` minimises is measured on: "weights" (the share of each
-        kernel's energy a rank drops), "activations" (needs calibration_data: the predicted share of
-        each layer's output energy it drops), or "auto" (the default: "activations" when
-        calibration_data is given with refit=False, else "weights", as for init).
+        kernel's energy a rank drops), "activations" (needs calibration_data: the share of each
+        layer's output energy the pair is predicted to lose on those inputs: after calibration's
+        refit of the pointwise weights when it follows, which needs the inputs' cross-channel
+        moments (see refit_error.py), else as converted), or "auto" (the default: "activations"
+        when calibration_data is given, else "weights"). The plan records each converted layer's
+        prediction (`predicted_refit_error`, `predicted_output_error`).
     refit: with calibration_data, refit the pairs on it after conversion (convsep.calibrate);
         False uses the data only for the activation-aware factorisation and allocation.
 
@@ -196,10 +203,12 @@ def convert(
     decisions, candidates = _consider_all(work, found, selection, parametrized=parametrized)
     selection.warn_unmatched()
     statistics = None
-    if candidates and (init == "activation" or allocate_by == "activations"):
+    whitened = init == "activation" or (allocate_by == "activations" and not refit)
+    refit_aware = allocate_by == "activations" and refit and budget is not None
+    if candidates and (whitened or refit_aware):
         with distributed.together():  # a user's generator may fail on one process only
             calibration_data = rereadable(calibration_data, calibration_batches)  # read twice: statistics, calibration
-        statistics = whiten(work, candidates, calibration_data, calibration_batches)
+        statistics = gather(work, candidates, calibration_data, calibration_batches, init, whitened, refit_aware)
     budget_record = None
     if budget is None:
         for candidate in candidates:
@@ -313,6 +322,8 @@ def _convert_at(candidate: Candidate, rank: int, init: str) -> None:
         decision.relative_error = discarded_energy_fraction(factors.S, rank) ** 0.5
     if factors is candidate.whitened and factors is not None:  # the share of the output energy this pair should lose
         decision.predicted_output_error = discarded_energy_fraction(candidate.whitened.S, rank) ** 0.5
+    if candidate.refit_errors is not None:  # ... and what calibration's refit should leave of it
+        decision.predicted_refit_error = candidate.refit_errors[min(rank, len(candidate.refit_errors)) - 1] ** 0.5
 
 
 def _layer_costs(candidate: Candidate, budget_on: str, output_positions: dict[int, int]) -> tuple[int, int]:
@@ -359,7 +370,7 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
             continue
         others -= keep_cost
         free.append(candidate)
-        options.append(options_from_spectrum(candidate.allocation_spectrum(allocate_by), keep_cost, per_rank))
+        options.append(options_from_errors(candidate.allocation_errors(allocate_by), keep_cost, per_rank))
     what = "MACs" if budget_on == "macs" else "params"
     available = budget * total - others
     if total == 0 or cheapest_cost(options) > available:
@@ -391,11 +402,18 @@ def _assign_budget(work, candidates, overrides, init, budget, budget_on, example
         "on": budget_on,
         "original": total,
         "reached": (others + allocation.cost) / total,
-        "objective": "sum over layers of squared relative "
-        + ("output error (predicted from the inputs)" if allocate_by == "activations" else "weight error"),
+        "objective": "sum over layers of squared relative " + _objective(allocate_by, candidates),
         "allocated_by": allocate_by,
-        "error": sum(discarded_energy_fraction(c.allocation_spectrum(allocate_by), c.decision.rank) for c in converted),
+        "error": sum(c.allocation_errors(allocate_by)[c.decision.rank - 1] for c in converted),
     }
+
+
+def _objective(allocate_by: str, candidates: list[Candidate]) -> str:
+    if allocate_by == "weights":
+        return "weight error"
+    if any(c.refit_errors is not None for c in candidates):
+        return "output error after calibration's refit (predicted from the inputs)"
+    return "output error (predicted from the inputs)"
 
 
 def _path_taken(found) -> str:

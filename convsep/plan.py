@@ -29,6 +29,8 @@ class LayerDecision:
     relative_error: Optional[float] = None  # ||W - W_r||_F / ||W||_F at conversion time
     predicted_output_error: Optional[float] = None  # from the input statistics: share of the output energy lost
     whitening: str = ""  # "activation", or why this layer kept the weight SVD (convert with calibration data)
+    predicted_refit_error: Optional[float] = None  # from the input statistics: what calibration's refit should leave
+    allocation: str = ""  # with allocate_by="activations": why this layer's ranks were weighed by weight error
     in_channels: int = 0
     out_channels: int = 0
     kernel_size: tuple[int, ...] = ()

@@ -118,6 +118,8 @@ class _Layer:
     plan_error: Optional[float] = None
     predicted_output_error: Optional[float] = None  # from the input statistics at conversion
     measured_output_error: Optional[float] = None  # calibration's measure of the same, when calibrated
+    predicted_refit_error: Optional[float] = None  # what calibration's refit should leave, from the input statistics
+    measured_refit_error: Optional[float] = None  # what it left (on the converted model's inputs)
     module: str = ""  # where the layer lives in the converted model
     groups: int = 1
     bias: bool = False
@@ -142,6 +144,7 @@ def _layers_from_plan(plan: ConversionPlan, before: nn.Module, after: nn.Module)
     layers = []
     calibrated = (plan.calibration or {}).get("layers", {})
     measured = {name: errors["initial"] for name, errors in calibrated.items() if "initial" in errors}
+    refitted = {name: errors["after"] for name, errors in calibrated.items() if "after" in errors}
     for d in plan.layers:
         functional = d.kind.startswith("F.")
         # `before` is normally the model the plan was made from; if it is itself converted, look where the pair is.
@@ -152,6 +155,7 @@ def _layers_from_plan(plan: ConversionPlan, before: nn.Module, after: nn.Module)
                 name=d.name, kind=d.kind, converted=d.converted, before=before_site, after=after_site,
                 reason=d.reason, rank=d.rank, full_rank=d.full_rank, plan_error=d.relative_error,
                 predicted_output_error=d.predicted_output_error, measured_output_error=measured.get(d.name),
+                predicted_refit_error=d.predicted_refit_error, measured_refit_error=refitted.get(d.name),
                 module=d.module, groups=d.groups, bias=d.bias,
             )  # fmt: skip
         )
@@ -289,6 +293,8 @@ def _row(layer: _Layer, probes: list[Probe], timings, original_weights: bool) ->
     row["weight_error"], row["weight_error_source"] = _weight_error(layer, original_weights)
     row["predicted_output_error"] = layer.predicted_output_error
     row["measured_output_error"] = layer.measured_output_error
+    row["predicted_refit_error"] = layer.predicted_refit_error
+    row["measured_refit_error"] = layer.measured_refit_error
     if timings is not None:
         for side, (s, _) in enumerate(sides):
             seconds = timings[side].layers.get(s.key) if s is not None and s.module is not None else None
@@ -425,6 +431,9 @@ class Report:
         predicted = any(r["predicted_output_error"] is not None for r in self.rows)
         if predicted:
             headers += ["output error predicted", "measured"]
+        refit = any(r["predicted_refit_error"] is not None for r in self.rows)
+        if refit:
+            headers += ["after refit predicted", "measured"]
         if self.has_latency:
             headers += ["ms before", "ms after"]
         table = []
@@ -444,6 +453,8 @@ class Report:
             ]  # fmt: skip
             if predicted:
                 line += [_number(r["predicted_output_error"]), _number(r["measured_output_error"])]
+            if refit:
+                line += [_number(r["predicted_refit_error"]), _number(r["measured_refit_error"])]
             if self.has_latency:
                 line += [_number(r["latency_before_ms"], ".3f"), _number(r["latency_after_ms"], ".3f")]
             table.append(line)

@@ -129,13 +129,20 @@ def test_data_used_only_for_conversion_is_used_activation_aware_and_the_plan_say
     assert all(d.whitening == "activation" and 0 <= d.predicted_output_error < 1 for d in plan.converted)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"calibration_data": "DATA"}])
-def test_auto_keeps_the_weight_svd_without_data_or_when_calibration_refits(kwargs):
+def test_auto_keeps_the_weight_svd_and_weight_error_without_data():
     model, data = _net(), _images()
-    kwargs = {k: data if v == "DATA" else v for k, v in kwargs.items()}
-    plan = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], **kwargs).convsep_plan
-    assert plan.init == "svd" and plan.budget["allocated_by"] == "weights"
-    assert all(d.predicted_output_error is None for d in plan.converted)
+    plan = convsep.convert(model, budget=0.4, example_inputs=data[0][:1]).convsep_plan
+    assert plan.init == "svd" and plan.budget["allocated_by"] == "weights" and plan.activations is None
+    assert all(d.predicted_output_error is None and d.predicted_refit_error is None for d in plan.converted)
+
+
+def test_auto_with_calibration_allocates_by_the_error_the_refit_leaves_and_keeps_the_weight_svd():
+    model, data = _net(), _images()
+    plan = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data).convsep_plan
+    assert plan.init == "svd" and plan.budget["allocated_by"] == "activations"
+    assert plan.budget["objective"] == "sum over layers of squared relative output error after calibration's refit (predicted from the inputs)"
+    assert all(d.predicted_output_error is None and 0 <= d.predicted_refit_error < 1 for d in plan.converted)
+    assert plan.budget["error"] == pytest.approx(sum(d.predicted_refit_error**2 for d in plan.converted))
 
 
 def test_activation_init_lowers_each_layers_error_on_the_inputs_it_sees():
@@ -213,6 +220,22 @@ def test_report_shows_predicted_and_measured_output_errors():
         assert row["predicted_output_error"] == predicted[row["name"]] is not None
         assert row["measured_output_error"] == plan.calibration["layers"][row["name"]]["initial"]
     assert "output error predicted" in str(report)
+
+
+def test_report_shows_the_refit_error_predicted_and_what_calibration_left():
+    model, data = _net(), _images()
+    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data)
+    report = convsep.report(model, converted, data[0][:1])
+    plan = converted.convsep_plan
+    decisions = {d.name: d for d in plan.layers}
+    rows = [row for row in report.rows if decisions[row["name"]].converted]
+    assert rows
+    for row in rows:
+        assert row["predicted_refit_error"] == decisions[row["name"]].predicted_refit_error is not None
+        assert row["measured_refit_error"] == plan.calibration["layers"][row["name"]]["after"]
+        assert row["predicted_output_error"] is None
+    header = str(report).splitlines()[[i for i, line in enumerate(str(report).splitlines()) if "layer" in line][0]]
+    assert "after refit predicted" in header and "output error predicted" not in header
 
 
 class _TwoBranches(nn.Module):

@@ -1,0 +1,147 @@
+"""The output error calibration's pointwise refit leaves, predicted from the input moments (refit_error.py)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import convsep
+from convsep.activations import InputMoments, cross_channel_block, input_moments, patches, sampling_step
+from convsep.factorize import channel_svd, whitened_channel_svd
+from convsep.refit_error import refit_errors
+
+
+def _inputs(conv, count=6, size=7, seed=0):
+    """Inputs whose channels share a common part: the cross-channel terms matter."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(count, 1, size, size, generator=generator, dtype=torch.float64)
+    own = torch.randn(count, conv.in_channels, size, size, generator=generator, dtype=torch.float64)
+    return shared + 0.3 * own + 0.5
+
+
+def _moments(conv, x, block):
+    p = patches(x, conv)  # (batch, M*K, positions)
+    rows = p.transpose(1, 2).reshape(-1, p.shape[1])
+    blocks = rows.reshape(rows.shape[0], -1, block * math.prod(conv.kernel_size)).transpose(0, 1)
+    return blocks.mT @ blocks / rows.shape[0], rows.mean(0), rows
+
+
+def _least_squares_error(conv, rows, depthwise, rank, bias):
+    """Relative error of the best pointwise weights (and bias), by a direct least squares per group."""
+    n, g, k = conv.out_channels, conv.groups, math.prod(conv.kernel_size)
+    m = conv.in_channels
+    total, lost = 0.0, 0.0
+    for group in range(g):
+        channels = range(group * m // g, (group + 1) * m // g)
+        x = rows.reshape(rows.shape[0], m, k)[:, channels]  # (positions, M/g, K)
+        w = conv.weight.detach().double()[group * n // g : (group + 1) * n // g].reshape(n // g, -1)
+        y = x.reshape(x.shape[0], -1) @ w.T
+        if bias:
+            y = y + conv.bias.detach().double()[group * n // g : (group + 1) * n // g]
+        total += float(y.square().sum())  # the energy calibration divides by: the output's, mean included
+        z = torch.einsum("pck,cjk->pcj", x, depthwise[list(channels), :rank].double()).reshape(x.shape[0], -1)
+        if bias:  # the refit fits a bias too
+            z, y = z - z.mean(0), y - y.mean(0)
+        solution = torch.linalg.lstsq(z, y).solution
+        lost += float((y - z @ solution).square().sum())
+    return lost / total
+
+
+@pytest.mark.parametrize("groups, bias", [(1, False), (1, True), (2, False), (2, True)])
+def test_predicted_error_is_the_least_squares_refit_error(groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=bias).double()
+    second, mean, rows = _moments(conv, _inputs(conv), conv.in_channels // groups)
+    depthwise = channel_svd(conv.weight, groups).Vh
+    predicted = refit_errors(conv.weight, conv.bias, groups, depthwise, second, mean, 3, ridge=0.0)
+    expected = [_least_squares_error(conv, rows, depthwise, r, bias) for r in (1, 2, 3)]
+    assert predicted == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_full_rank_loses_nothing_and_more_rank_never_loses_more():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 16, 3, padding=1).double()
+    second, mean, _ = _moments(conv, _inputs(conv), 3)
+    errors = refit_errors(conv.weight, conv.bias, 1, channel_svd(conv.weight, 1).Vh, second, mean, 9, ridge=0.0)
+    assert errors[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(errors)) and errors[0] > 0.01
+
+
+def test_any_nested_depthwise_basis_works_the_whitened_one_too():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    second, mean, rows = _moments(conv, _inputs(conv), 4)
+    channel_second = torch.stack([second[0, c * 9 : (c + 1) * 9, c * 9 : (c + 1) * 9] for c in range(4)])
+    basis = whitened_channel_svd(conv.weight, 1, channel_second, ridge=0.0).Vh
+    predicted = refit_errors(conv.weight, None, 1, basis, second, mean, 2, ridge=0.0)
+    assert predicted == pytest.approx([_least_squares_error(conv, rows, basis, r, False) for r in (1, 2)], rel=1e-6)
+
+
+def test_redundant_channels_lose_little_at_rank_one_whatever_the_weight_spectrum():
+    """Every channel sees the same input: one filter per channel spans what the refit needs at rank 1 only if
+    the refit can mix channels (the weight error alone says rank 1 loses most of the kernel)."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False).double()
+    x = _inputs(conv)[:, :1].expand(-1, 4, -1, -1).contiguous()  # 4 copies of one channel
+    second, mean, _ = _moments(conv, x, 4)
+    svd = channel_svd(conv.weight, 1)
+    errors = refit_errors(conv.weight, None, 1, svd.Vh, second, mean, 4, ridge=0.0)
+    weight_error_at_4 = float(svd.S[:, 4:].square().sum() / svd.S.square().sum())
+    # four channels x four filters span all 9 taps of the one input (up to its 4-dim overlap): nothing lost at rank 3
+    assert errors[2] < 1e-9 < weight_error_at_4
+
+
+def test_ridge_keeps_channels_the_data_never_excites_solvable():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    x = _inputs(conv)
+    x[:, 2] = 0  # one dead channel: its block of the moments is zero
+    second, mean, _ = _moments(conv, x, 3)
+    errors = refit_errors(conv.weight, None, 1, channel_svd(conv.weight, 1).Vh, second, mean, 3, ridge=1e-3)
+    assert all(math.isfinite(e) and 0 <= e <= 1 for e in errors)
+
+
+def test_cross_channel_moments_are_the_patch_products_and_their_diagonal_the_per_channel_ones():
+    torch.manual_seed(4)
+    conv = nn.Conv2d(4, 64, 3, padding=1).double()  # many outputs: every position is used
+    x = _inputs(conv, count=3)
+    assert sampling_step(conv, cross_channel_block(conv)) == 1 and cross_channel_block(conv) == 4
+    crossed = input_moments(nn.Sequential(conv), {"0": conv}, [x[:2], x[2:]], None, cross_channel=True)["0"]
+    single = input_moments(nn.Sequential(conv), {"0": conv}, [x], None)["0"]
+    second, mean, _ = _moments(conv, x, 4)
+    torch.testing.assert_close(crossed.covariance(), second)
+    torch.testing.assert_close(crossed.mean(), mean)
+    torch.testing.assert_close(crossed.channel_covariance(), single.covariance())
+    torch.testing.assert_close(single.mean(), mean)
+
+
+def test_cross_channel_moments_sample_every_sth_position_across_batches():
+    conv = nn.Conv1d(8, 2, 5, padding=2).double()  # 8 channels x 5 taps against 2 outputs: s = ceil(40 / 2) = 20
+    x = torch.randn(3, 8, 30, dtype=torch.float64)
+    moments = InputMoments.empty(conv, 8, "cpu")
+    for batch in x.split(1):
+        moments.add(batch, conv)
+    rows = patches(x, conv).transpose(1, 2).reshape(-1, 40)[::20]  # positions 0, 20, 40, 60, 80 of the 90
+    assert moments.count == 5
+    torch.testing.assert_close(moments.covariance()[0], rows.T @ rows / 5)
+
+
+def test_moments_of_a_layer_too_large_for_one_block_are_taken_in_blocks():
+    conv = nn.Conv1d(1024, 1024, 64, device="meta")
+    block = cross_channel_block(conv)
+    assert block == 8 and 1024 * block * 64 * 64 <= 1 << 25
+    assert cross_channel_block(nn.Conv2d(512, 512, 3, device="meta")) == 512
+    assert cross_channel_block(nn.Conv2d(6, 6, 3, groups=3, device="meta")) == 2
+
+
+def test_first_layers_predicted_refit_error_is_what_calibration_leaves():
+    """The first conv sees the original's inputs in both models, so its prediction is exact up to the ridges."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    data = [_inputs(nn.Conv2d(3, 3, 1), count=8, size=10, seed=s).float() for s in range(3)]
+    converted = convsep.convert(model, budget=0.5, ranks={"0": 2}, example_inputs=data[0][:1], calibration_data=data)
+    plan = converted.convsep_plan
+    first = plan.layers[0]
+    assert first.converted and first.predicted_refit_error > 0.01
+    assert first.predicted_refit_error == pytest.approx(plan.calibration["layers"]["0"]["after"], rel=0.02)
