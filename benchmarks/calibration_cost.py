@@ -5,7 +5,8 @@
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
-factorisation and allocation), and calibrate with alternate=0 and alternate=1. Median of
+factorisation: per channel; refit-aware allocation: cross-channel, then the predicted errors
+after the refit at every rank), and calibrate with alternate=0 and alternate=1. Median of
 `--repeats` runs, one process. Models: small_cnn on 28x28 images; resnet18 on 64x64 images; a
 1-d audio stack whose middle conv has 1,024 channels and 64-tap kernels in 16 groups (wav2vec2's
 positional conv is 768 channels, 128 taps, 16 groups). Writes benchmarks/results/calibration_cost.json.
@@ -28,6 +29,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import convsep  # noqa: E402
 from common import machine_line, median_seconds, save_json  # noqa: E402
 from convsep.activations import input_moments  # noqa: E402
+from convsep.factorize import channel_svd  # noqa: E402
+from convsep.refit_error import refit_errors  # noqa: E402
 from convsep.models import resnet18, small_cnn  # noqa: E402
 
 
@@ -54,6 +57,16 @@ def forward_all(model, data):
             model(x)
 
 
+def refit_prediction(model, convs, data):
+    """What a budget with calibration data adds to conversion: the cross-channel moments, then each layer's
+    predicted error after the refit at every rank."""
+    moments = input_moments(model, convs, data, None, cross_channel=True)
+    for name, conv in convs.items():
+        basis = channel_svd(conv.weight, conv.groups).Vh
+        m = moments[name]
+        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), basis.shape[1], 1e-3)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -70,6 +83,10 @@ def main(argv=None) -> int:
         statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
         row = {"model": name, "batches": len(data), "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3),
                "statistics_s": round(statistics, 3), "statistics_over_original_forward": round(statistics / original_only, 2)}  # fmt: skip
+        crossed = median_seconds(lambda: input_moments(model, convs, data, None, cross_channel=True), args.repeats)
+        predicted = median_seconds(lambda: refit_prediction(model, convs, data), args.repeats)
+        row.update(cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
+                   refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
         for alternate in (0, 1):
             seconds = median_seconds(
                 lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate), args.repeats, warmup=0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import itertools
 import os
 import struct
 import sys
@@ -96,8 +97,9 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def greedy_vs_exhaustive(model, example, budgets) -> list[list]:
-    """The budget objective (sum of squared relative weight errors) reached by greedy and by brute force."""
+def layer_options(model, example):
+    """Each conv's name and options (keep, or a rank, with its MACs and squared relative weight error), and the MACs
+    of everything else."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     positions = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: positions.__setitem__(n, o.shape[2] * o.shape[3])) for n, m in convs]
@@ -110,6 +112,12 @@ def greedy_vs_exhaustive(model, example, budgets) -> list[list]:
         S = convsep.factorize.channel_svd(conv.weight, 1).S
         keep = conv_macs_per_position(n, m, k, 1) * positions[name]
         layers.append(options_from_spectrum(S, keep, separable_macs_per_position(n, m, k, 1, 1) * positions[name]))
+    return [name for name, _ in convs], layers, total
+
+
+def greedy_vs_exhaustive(model, example, budgets) -> list[list]:
+    """The budget objective (sum of squared relative weight errors) reached by greedy and by brute force."""
+    _, layers, total = layer_options(model, example)
     fixed = total - sum(layer.keep_cost for layer in layers)
     combinations = 1
     for layer in layers:
@@ -127,6 +135,32 @@ def greedy_vs_exhaustive(model, example, budgets) -> list[list]:
             row += [_ranks(found.choices), f"{found.error:.4f} ({gap:+.1%})"]
         rows.append(row)
     return rows, combinations
+
+
+def every_allocation(model, calibration, test_x, test_y, example, budget) -> list[list]:
+    """Every allocation that fits `budget` and cannot raise any one layer without breaking it, calibrated: the
+    best any rank allocation can do on this model, to measure the allocation policies against."""
+    names, layers, total = layer_options(model, example)
+    fixed = total - sum(layer.keep_cost for layer in layers)
+    available = budget * total - fixed
+    rows = []
+    for combination in itertools.product(*(layer.choices() for layer in layers)):
+        cost = sum(option[0] for option in combination)
+        raisable = any(
+            cost - now[0] + other[0] <= available
+            for layer, now in zip(layers, combination) for other in layer.choices() if other[0] > now[0]
+        )  # fmt: skip
+        if cost > available or raisable:
+            continue
+        choices = [option[2] for option in combination]
+        converted = convsep.convert(
+            model, ranks={n: r for n, r in zip(names, choices) if r is not None},
+            exclude=[n for n, r in zip(names, choices) if r is None] or None,
+        )  # fmt: skip
+        calibrated = convsep.calibrate(copy.deepcopy(converted), model, calibration)
+        rows.append([_ranks(choices), f"{(cost + fixed) / total:.1%}", f"{accuracy(calibrated, test_x, test_y):.2%}"])
+        print(f"every allocation at {budget:g}: {rows[-1]}", file=sys.stderr)
+    return sorted(rows, key=lambda row: row[-1], reverse=True)
 
 
 def _ranks(choices) -> str:
@@ -199,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--activation-aware-only", action="store_true",
                         help="only the weight-based vs activation-aware table (written to rank_policies_activation.md)")
+    parser.add_argument("--every-allocation", type=float, metavar="BUDGET",
+                        help="calibrate every allocation that fills BUDGET (written to rank_policies_every_allocation_BUDGET.md)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,6 +250,21 @@ def main(argv=None) -> int:
     trained = time.time() - started
     example = test_x[:1]
     calibration = [x[i : i + 128] for i in range(0, args.calibration_images, 128)]  # images only, no labels
+    if args.every_allocation:
+        rows = every_allocation(model, calibration, test_x, test_y, example, args.every_allocation)
+        text = (
+            f"# Every rank allocation of small_cnn at {args.every_allocation:g} of its MACs, calibrated\n\n"
+            f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
+            f"(width 32) trained {args.epochs:g} epochs (seed {args.seed}), original test accuracy "
+            f"{accuracy(model, test_x, test_y):.2%} on {len(test_x):,} test images. Every allocation within the budget "
+            f"that no single layer's rank could be raised in, converted with the weight SVD and calibrated on "
+            f"{len(calibration) * 128:,} training images (no labels), best first. {machine_line()}; "
+            f"{time.time() - started:.0f} s in all.\n\n"
+            f"{tabulate(rows, ['ranks (per conv)', 'MACs kept', 'calibrated'], tablefmt='github')}\n"
+        )
+        print(text)
+        atomic_write(args.output.with_name(f"rank_policies_every_allocation_{args.every_allocation:g}.md"), text)
+        return 0
     if args.activation_aware_only:
         rows, pairs = activation_aware(model, calibration, test_x, test_y, example, (0.15, 0.25, 0.5))
         headers = ["budget (MACs)", "allocated by", "init", "ranks (per conv)", "MACs kept", "converted", "calibrated"]

@@ -39,31 +39,48 @@ _CHUNK_ELEMENTS = 1 << 22
 _BLOCK_ELEMENTS = 1 << 25
 
 
-def patches(x: Tensor, conv: _ConvNd, every: int = 1) -> Tensor:
+def patches(x: Tensor, conv: _ConvNd, every: int = 1, phase: int = 0) -> Tensor:
     """(batch, M*K, positions, possibly flattened): each input channel's receptive-field patch at each output position of `conv`
-    (with `every` > 1, at every `every`-th position along the last dimension).
+    (with `every` > 1, at every `every`-th position along the last dimension, from position `phase` on, modulo the row).
 
     A depthwise conv with one-hot filters and conv's stride, padding, padding mode and dilation
     extracts them in any number of dims (unfold exists for 2-d only).
     """
     channels, kernel = x.shape[1], math.prod(conv.kernel_size)
-    stride = (*conv.stride[:-1], conv.stride[-1] * every)
+    if every > 1 and phase:
+        phase %= _last_output_length(x, conv)
     if len(conv.kernel_size) == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         # im2col: the same patches in the same (channel, tap) order, faster than the one-hot conv
-        return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, stride)
+        padding = conv.padding
+        if phase:  # start at output column `phase`: pad first, then drop the input columns before it
+            (top, side), padding = conv.padding, 0
+            x = F.pad(x, (side, side, top, top))[..., phase * conv.stride[-1] :]
+        return F.unfold(x, conv.kernel_size, conv.dilation, padding, (conv.stride[0], conv.stride[1] * every))
     if len(conv.kernel_size) == 1 and not isinstance(conv.padding, str):
         # 1-d: sliding windows are a view of the padded input; one copy puts taps before positions
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)[..., phase * conv.stride[0] :]
         (k,), (d,) = conv.kernel_size, conv.dilation
-        windows = padded.unfold(2, (k - 1) * d + 1, stride[0])[..., ::d]  # (batch, M, positions, K)
+        windows = padded.unfold(2, (k - 1) * d + 1, conv.stride[0] * every)[..., ::d]  # (batch, M, positions, K)
         return windows.transpose(2, 3).reshape(x.shape[0], channels * kernel, -1)
+    strided = not phase and not isinstance(conv.padding, str)  # the extractor can sample by its stride ('same' needs 1)
+    stride = (*conv.stride[:-1], conv.stride[-1] * (every if strided else 1))
     extractor = STANDARD_CONVS[len(conv.kernel_size) - 1](  # the user's subclass may take other arguments
         channels, channels * kernel, conv.kernel_size, stride, conv.padding, conv.dilation,
         groups=channels, bias=False, padding_mode=conv.padding_mode, device="meta",
     )  # fmt: skip  (meta: only its settings are used, the filters are passed in)
     one_hot = torch.eye(kernel, dtype=x.dtype, device=x.device).repeat(channels, 1)
-    return extractor._conv_forward(x, one_hot.reshape(channels * kernel, 1, *conv.kernel_size), None)
+    extracted = extractor._conv_forward(x, one_hot.reshape(channels * kernel, 1, *conv.kernel_size), None)
+    return extracted if strided or every == 1 else extracted[..., phase::every]
+
+
+def _last_output_length(x: Tensor, conv: _ConvNd) -> int:
+    """How many output positions `conv` has along the last dimension of input `x`."""
+    if isinstance(conv.padding, str):  # "same" (stride 1) keeps the length; "valid" pads nothing
+        length = x.shape[-1] if conv.padding == "same" else x.shape[-1] - conv.dilation[-1] * (conv.kernel_size[-1] - 1)
+        return max(1, length)
+    span = conv.dilation[-1] * (conv.kernel_size[-1] - 1) + 1
+    return max(1, (x.shape[-1] + 2 * conv.padding[-1] - span) // conv.stride[-1] + 1)
 
 
 def sampling_step(conv: _ConvNd, block: int = 1) -> int:
@@ -90,7 +107,7 @@ class InputMoments:
     first: Tensor  # (M*K,), float64
     kernel: int  # K, taps per channel
     count: int = 0
-    offered: int = 0  # positions seen before sampling: where the next sample starts
+    calls: int = 0  # patches taken so far: the next sampled position is `calls` modulo the sampling step
 
     @classmethod
     def empty(cls, conv: _ConvNd, block: int, device) -> InputMoments:
@@ -129,11 +146,14 @@ class InputMoments:
             chunk = x[start : start + step].detach()
             # Products in float32 at least: half-precision sums round off more than the ridge adds.
             chunk = chunk if chunk.dtype == torch.float64 else chunk.float()
+            # Each call starts one position further on, so sampled positions cover every column in turn.
+            p = patches(chunk, conv, every, self.calls % every)
+            self.calls += 1
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
             if self.block == 1:
-                self._add_channels(patches(chunk, conv, every))
+                self._add_channels(p)
             else:
-                self._add_blocks(patches(chunk, conv), every)
+                self._add_blocks(p)
 
     def _add_channels(self, p: Tensor) -> None:
         batch, (m, k), positions = p.shape[0], self.second.shape[:2], p[0, 0].numel()
@@ -146,11 +166,8 @@ class InputMoments:
             self.second += torch.bmm(p, p.transpose(1, 2)).reshape(batch, m, k, k).sum(0).double()
         self.count += batch * positions
 
-    def _add_blocks(self, p: Tensor, every: int) -> None:
+    def _add_blocks(self, p: Tensor) -> None:
         rows = p.reshape(p.shape[0], p.shape[1], -1).transpose(1, 2).reshape(-1, p.shape[1])  # (positions, M*K)
-        start = -self.offered % every  # continue the sampling phase across chunks and batches
-        self.offered += rows.shape[0]
-        rows = rows[start::every]
         blocks = rows.reshape(rows.shape[0], self.second.shape[0], -1).transpose(0, 1)  # (M/b, n, bK)
         self.second += torch.bmm(blocks.mT, blocks).double()
         self.first += rows.sum(dim=0).double()

@@ -33,8 +33,8 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     depthwise filter (nested: rank r keeps rows < r), q >= ranks. second: (M/b, bK, bK), the
     second moment E[x x^T] of the patches of each block of b channels (channel-major, then tap).
     mean: (M*K,) E[x]. bias: the conv's (N,), or None: then the pair has none and the refit cannot centre.
-    ridge: relative to the mean diagonal of each block's system, so that channels the data
-    never excites keep it solvable.
+    ridge: relative to the mean diagonal of each block's system at rank `ranks`, so that channels
+    the data never excites keep it solvable.
     """
     n, m_g = weight.shape[:2]
     k = depthwise.shape[-1]
@@ -53,22 +53,25 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     energy = float((w.mT * sigma_w).sum()) + offset
     if energy <= 0:
         return [0.0] * ranks
-    d = depthwise.double().reshape(blocks, b, -1, k)
-    # D Sigma D^T (blocks, b, q, b, q) and B = D Sigma W^T (blocks, b, q, N/g), channel-major like z.
+    d = depthwise.double().reshape(blocks, b, -1, k)[:, :, :ranks]
+    # z ordered rank-major, (filter j, channel c): rank r keeps a prefix of z, so one Cholesky factor of the
+    # largest system serves every rank (a leading block of L factors the leading block of the system) and
+    # the triangular solve's first r*b rows are rank r's. D Sigma D^T: (blocks, R b, R b); B: (blocks, R b, N/g).
     s = sigma.reshape(blocks, b, k, b, k)
-    gram = torch.einsum("ncik,nckdl,ndjl->ncidj", d, s, d)
-    cross = torch.einsum("ncik,ncko->ncio", d, sigma_w.reshape(blocks, b, k, out))
-    errors = []
-    for r in range(1, ranks + 1):
-        g = gram[:, :, :r, :, :r].reshape(blocks, b * r, b * r)
-        scale = g.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
-        g = g + (ridge * scale)[:, None, None] * torch.eye(b * r, dtype=g.dtype, device=g.device)
-        factor, info = torch.linalg.cholesky_ex(g)
-        if bool(info.any()):  # not positive definite even with the ridge: an eigen solve does not care
-            explained = (cross[:, :, :r].reshape(blocks, b * r, out).mT @ torch.linalg.pinv(g, hermitian=True)
-                         @ cross[:, :, :r].reshape(blocks, b * r, out)).diagonal(dim1=1, dim2=2).sum()  # fmt: skip
-        else:
-            half = torch.linalg.solve_triangular(factor, cross[:, :, :r].reshape(blocks, b * r, out), upper=False)
-            explained = half.square().sum()
-        errors.append(min(1.0, max(0.0, 1.0 - (float(explained) + offset) / energy)))  # the bias fits the mean part
-    return errors
+    gram = torch.einsum("ncik,nckdl,ndjl->nicjd", d, s, d).reshape(blocks, ranks * b, ranks * b)
+    cross = torch.einsum("ncik,ncko->nico", d, sigma_w.reshape(blocks, b, k, out)).reshape(blocks, ranks * b, out)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
+    gram = gram + (ridge * scale)[:, None, None] * torch.eye(ranks * b, dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    # Not positive definite, or so nearly singular that the factor amplifies rounding (ridge=0 on degenerate inputs).
+    degenerate = bool(info.any()) or bool((factor.diagonal(dim1=1, dim2=2).square() < 1e-10 * scale[:, None]).any())
+    if degenerate:  # rank by rank, with a pseudo-inverse
+        explained = []
+        for r in range(1, ranks + 1):
+            g, c = gram[:, : r * b, : r * b], cross[:, : r * b]
+            explained.append(float((c * (torch.linalg.pinv(g, hermitian=True) @ c)).sum()))
+    else:
+        half = torch.linalg.solve_triangular(factor, cross, upper=False)  # (blocks, R b, N/g)
+        explained = half.square().reshape(blocks, ranks, b, out).sum(dim=(0, 2, 3)).cumsum(0).tolist()
+    # The bias fits the mean part of the output (offset) whatever the rank.
+    return [min(1.0, max(0.0, 1.0 - (e + offset) / energy)) for e in explained]

@@ -44,7 +44,7 @@ def _least_squares_error(conv, rows, depthwise, rank, bias):
         z = torch.einsum("pck,cjk->pcj", x, depthwise[list(channels), :rank].double()).reshape(x.shape[0], -1)
         if bias:  # the refit fits a bias too
             z, y = z - z.mean(0), y - y.mean(0)
-        solution = torch.linalg.lstsq(z, y).solution
+        solution = torch.linalg.lstsq(z, y, driver="gelsd").solution  # SVD based: rank-deficient z too
         lost += float((y - z @ solution).square().sum())
     return lost / total
 
@@ -102,6 +102,18 @@ def test_ridge_keeps_channels_the_data_never_excites_solvable():
     assert all(math.isfinite(e) and 0 <= e <= 1 for e in errors)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_inputs_that_leave_the_system_singular_still_give_the_least_squares_error(seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    x = _inputs(conv)
+    x[:, 2] = 0  # no ridge, one dead channel: the Cholesky factorisation fails, the error is still defined
+    second, mean, rows = _moments(conv, x, 3)
+    basis = channel_svd(conv.weight, 1).Vh
+    errors = refit_errors(conv.weight, None, 1, basis, second, mean, 2, ridge=0.0)
+    assert errors == pytest.approx([_least_squares_error(conv, rows, basis, r, False) for r in (1, 2)], rel=1e-6)
+
+
 def test_cross_channel_moments_are_the_patch_products_and_their_diagonal_the_per_channel_ones():
     torch.manual_seed(4)
     conv = nn.Conv2d(4, 64, 3, padding=1).double()  # many outputs: every position is used
@@ -116,15 +128,29 @@ def test_cross_channel_moments_are_the_patch_products_and_their_diagonal_the_per
     torch.testing.assert_close(single.mean(), mean)
 
 
-def test_cross_channel_moments_sample_every_sth_position_across_batches():
+def test_cross_channel_moments_sample_every_sth_position_starting_one_further_each_batch():
     conv = nn.Conv1d(8, 2, 5, padding=2).double()  # 8 channels x 5 taps against 2 outputs: s = ceil(40 / 2) = 20
     x = torch.randn(3, 8, 30, dtype=torch.float64)
     moments = InputMoments.empty(conv, 8, "cpu")
     for batch in x.split(1):
         moments.add(batch, conv)
-    rows = patches(x, conv).transpose(1, 2).reshape(-1, 40)[::20]  # positions 0, 20, 40, 60, 80 of the 90
-    assert moments.count == 5
-    torch.testing.assert_close(moments.covariance()[0], rows.T @ rows / 5)
+    every = patches(x, conv)  # (3, 40, 30)
+    rows = torch.cat([every[i, :, [i, 20 + i]] for i in range(3)], dim=1)  # batch i: positions i and 20 + i
+    assert moments.count == 6
+    torch.testing.assert_close(moments.covariance()[0], rows @ rows.T / 6)
+    torch.testing.assert_close(moments.mean(), rows.mean(1))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2),
+    nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Conv3d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 3, padding="same"),
+], ids=["2d", "1d", "1d_reflect", "3d", "2d_same"])  # fmt: skip
+@pytest.mark.parametrize("phase", [0, 1, 3])
+def test_sampled_patches_are_the_phase_and_every_third_of_all(conv, phase):
+    x = torch.randn(2, 2, *([9] * len(conv.kernel_size)), dtype=torch.float64)
+    conv = conv.double()
+    everything = patches(x, conv).reshape(2, 2 * math.prod(conv.kernel_size), *conv(x).shape[2:])
+    torch.testing.assert_close(patches(x, conv, every=3, phase=phase).flatten(2), everything[..., phase::3].flatten(2))
 
 
 def test_moments_of_a_layer_too_large_for_one_block_are_taken_in_blocks():
