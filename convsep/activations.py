@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
@@ -108,6 +108,7 @@ class InputMoments:
     kernel: int  # K, taps per channel
     count: int = 0
     calls: int = 0  # patches taken so far: the next sampled position is `calls` modulo the sampling step
+    pending: list = field(default_factory=list)  # sampled rows not yet in `second` (see _add_blocks)
 
     @classmethod
     def empty(cls, conv: _ConvNd, block: int, device) -> InputMoments:
@@ -122,6 +123,7 @@ class InputMoments:
 
     def covariance(self) -> Optional[Tensor]:
         """E[x_B x_B^T] (M/b, bK, bK), or None when the data never reached the layer."""
+        self.flush()
         return self.second / self.count if self.count else None
 
     def channel_covariance(self) -> Optional[Tensor]:
@@ -134,6 +136,7 @@ class InputMoments:
         return diagonal.permute(0, 3, 1, 2).reshape(blocks * b, k, k)
 
     def mean(self) -> Optional[Tensor]:
+        self.flush()
         return self.first / self.count if self.count else None
 
     def add(self, x: Tensor, conv: _ConvNd) -> None:
@@ -168,10 +171,22 @@ class InputMoments:
 
     def _add_blocks(self, p: Tensor) -> None:
         rows = p.reshape(p.shape[0], p.shape[1], -1).transpose(1, 2).reshape(-1, p.shape[1])  # (positions, M*K)
+        self.pending.append(rows)
+        self.count += rows.shape[0]
+        # A call may bring fewer rows than a block has columns (long kernels, few positions sampled): the
+        # products would then cost less than adding their (bK)^2 sums, so rows wait until there are enough.
+        if sum(r.shape[0] for r in self.pending) >= self.second.shape[1]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the rows waiting in `pending` to the sums."""
+        if not self.pending:
+            return
+        rows = torch.cat(self.pending)
+        self.pending.clear()
         blocks = rows.reshape(rows.shape[0], self.second.shape[0], -1).transpose(0, 1)  # (M/b, n, bK)
         self.second += torch.bmm(blocks.mT, blocks).double()
         self.first += rows.sum(dim=0).double()
-        self.count += rows.shape[0]
 
 
 def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[Any], batches: Optional[int],
@@ -204,6 +219,8 @@ def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[An
     finally:
         for handle in hooks:
             handle.remove()
+    for m in moments.values():
+        m.flush()
     if distributed.active():
         counts = torch.tensor([m.count for m in moments.values()], dtype=torch.float64)
         distributed.all_sum([m.second for m in moments.values()] + [m.first for m in moments.values()] + [counts])
