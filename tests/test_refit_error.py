@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -171,3 +172,34 @@ def test_first_layers_predicted_refit_error_is_what_calibration_leaves():
     first = plan.layers[0]
     assert first.converted and first.predicted_refit_error > 0.01
     assert first.predicted_refit_error == pytest.approx(plan.calibration["layers"]["0"]["after"], rel=0.02)
+
+
+def _zoo():
+    import audio_zoo
+    import zoo
+
+    return {**zoo.ARCHITECTURES, **audio_zoo.HUB_ARCHITECTURES}
+
+
+@pytest.mark.parametrize("name", sorted(_zoo()))
+def test_every_zoo_model_converts_with_refit_aware_ranks_and_keeps_each_prediction_a_share(name):
+    factory, shape = _zoo()[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    data = [torch.randn(shape) for _ in range(2)]
+    budget = 0.6
+    try:
+        convsep.convert(model, budget=budget, example_inputs=data[0][:1], refit=False)
+    except convsep.ConvsepValueError as error:  # most of its MACs are in layers no rank makes cheaper
+        budget = (1 + float(re.search(r"smallest reachable budget is ([0-9.]+)", str(error))[1])) / 2
+    converted = convsep.convert(model, budget=budget, example_inputs=data[0][:1], calibration_data=data)
+    plan = converted.convsep_plan
+    assert plan.budget["allocated_by"] == "activations" and plan.budget["reached"] <= budget + 1e-9
+    assert plan.converted and plan.calibration["layers"].keys() == {d.name for d in plan.converted}
+    for decision in plan.converted:
+        if decision.allocation:  # the data could not speak for it (functional convs): weight error, and no prediction
+            assert decision.allocation.startswith("weight error: ") and decision.predicted_refit_error is None
+        else:
+            assert 0 <= decision.predicted_refit_error <= 1
+    with torch.no_grad():
+        assert torch.isfinite(converted(data[1])).all()
