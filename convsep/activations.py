@@ -11,7 +11,8 @@ block that keeps the moments under _BLOCK_ELEMENTS numbers.
 Cost. The sums cost M b K^2 multiply-adds per position against the conv's N M K / g, so only
 every s-th position is used, s = ceil(c b K g / N): c = 4 for b = 1 keeps the pass near half
 the conv's cost (a K x K moment needs few positions), c = 1 for blocks, about the conv's cost,
-since a bK x bK moment needs many more. Under torchrun the sums are added over the processes.
+since a bK x bK moment needs many more. Each call starts one position further on, so that the
+samples cover every position in turn. Under torchrun the sums are added over the processes.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class InputMoments:
     first: Tensor  # (M*K,), float64
     kernel: int  # K, taps per channel
     count: int = 0
-    calls: int = 0  # patches taken so far: the next sampled position is `calls` modulo the sampling step
+    calls: int = 0  # where the sampling phase is: the next sampled position is `calls` modulo the sampling step
+    calls_step: int = 1  # how far `calls` moves per call: the number of processes, each starting at its rank
     pending: list = field(default_factory=list)  # sampled rows not yet in `second` (see _add_blocks)
 
     @classmethod
@@ -151,7 +153,7 @@ class InputMoments:
             chunk = chunk if chunk.dtype == torch.float64 else chunk.float()
             # Each call starts one position further on, so sampled positions cover every column in turn.
             p = patches(chunk, conv, every, self.calls % every)
-            self.calls += 1
+            self.calls += self.calls_step
             # float32 products over one chunk, accumulated over chunks and batches in float64 (as calibrate).
             if self.block == 1:
                 self._add_channels(p)
@@ -201,6 +203,10 @@ def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[An
         name: InputMoments.empty(conv, cross_channel_block(conv) if cross_channel else 1, device)
         for name, conv in convs.items()
     }
+    for m in moments.values():
+        # Process r's k-th batch is batch r + k N of the whole data when batches are dealt round robin (the CLI
+        # does): it then samples where one process would have, and the sums are the same.
+        m.calls, m.calls_step = distributed.rank(), distributed.world_size()
     hooks = []
     for name, conv in convs.items():
         def keep(module, args, name=name):

@@ -193,6 +193,21 @@ def test_cli_convert_under_torchrun_writes_what_one_process_writes(tmp_path, ori
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "one.pt", "two.pt"]
 
 
+def test_cli_convert_with_a_budget_under_torchrun_allocates_and_writes_what_one_process_does(tmp_path, original):
+    common = ["--model", f"{JOBS}:net", "--calibrate-with", f"{JOBS}:calibration_batches", "--input-shape", "1,3,8,8",
+              "--budget", "0.6"]  # ranks by the error the refit leaves: cross-channel moments summed over the processes  # fmt: skip
+    finished = _torchrun("convert", original, "-o", tmp_path / "two.pt", *common)
+    assert finished.returncode == 0, finished.stderr
+    assert main(["convert", str(original), "-o", str(tmp_path / "one.pt"), *common]) == 0
+    two, one = (convsep.load(tmp_path / name) for name in ("two.pt", "one.pt"))
+    assert two.plan.budget["allocated_by"] == "activations" and two.plan.budget == pytest.approx(one.plan.budget)
+    assert [(d.name, d.rank) for d in two.plan.converted] == [(d.name, d.rank) for d in one.plan.converted]
+    assert two.plan.converted and all(d.predicted_refit_error is not None for d in two.plan.converted)
+    errors = [[d.predicted_refit_error for d in plan.converted] for plan in (two.plan, one.plan)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-9)  # the same positions sampled, the same sums
+    _assert_close(two.state_dict, one.state_dict, 1e-4)
+
+
 def test_cli_finetune_under_torchrun_trains_on_both_shards(tmp_path, original):
     assert main(["convert", str(original), "-o", str(tmp_path / "sep.pt"), "--model", f"{JOBS}:net", "--rank", "2"]) == 0
     common = ["--teacher", str(original), "--model", f"{JOBS}:net", "--lr", "1e-2"]
