@@ -436,7 +436,7 @@ def _check_targets(out: Tensor, targets: Tensor, kind: str, where: str) -> None:
 def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float, undone: int) -> None:
     if torch.isfinite(value):
         return
-    kept = "the weights of the last finite step" if step > 1 else "its weights from before fine-tuning"
+    kept = "the weights of the last finite step" if step - 1 > undone else "its weights from before fine-tuning"
     before = f" ({undone} earlier step(s) undone already)" if undone else ""
     raise NonFiniteLossError(
         f"fine-tuning stopped at step {step}{f' of {total}' if total else ''} (epoch {epoch}): the {what} is "
