@@ -193,7 +193,7 @@ class FakeBar:
         self.updates.append(n)
 
     def set_postfix(self, **values):
-        self.postfixes.append({k: values[k] for k in ("loss", "epoch") if k in values})
+        self.postfixes.append(values)
 
     def write(self, text):
         self.written.append(text)
@@ -219,5 +219,6 @@ def test_on_a_terminal_the_bar_counts_the_steps_shows_loss_and_epoch_and_carries
     trained = [loss for i, loss in enumerate(losses) if i not in (0, 3, 6)]  # evaluations before and after each epoch
     assert bar.opened == (4, True, "finetune", "step")
     assert bar.updates == [1, 1, 1, 1]
-    assert bar.postfixes == [{"loss": f"{loss:.4f}", "epoch": epoch} for loss, epoch in zip(trained, [1, 1, 2, 2])]
+    # refresh=False: the postfix does not redraw the bar by itself; the update(1) right after redraws it once
+    assert bar.postfixes == [{"loss": f"{loss:.4f}", "epoch": epoch, "refresh": False} for loss, epoch in zip(trained, [1, 1, 2, 2])]
     assert bar.written == [format_row(r) for r in model.convsep_finetune["history"]] and bar.closed
