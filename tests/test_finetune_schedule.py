@@ -64,7 +64,7 @@ def test_each_undone_step_halves_the_lr_again(monkeypatch):
 
 def test_the_lr_stays_at_zero_past_the_end_of_the_schedule():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = Schedule(optimizer, 1.0, total=4, warmup=0.0)
+    schedule = Schedule(optimizer, 1.0, total=4, warmup=0.5)  # 2 warmup steps, 2 of cosine
     for _ in range(6):  # more steps than planned (data longer than its len() said)
         schedule.step()
     assert schedule.lr == 0.0 and optimizer.param_groups[0]["lr"] == 0.0
