@@ -180,6 +180,7 @@ def finetune(
     objective = _Objective(loss, temperature, alpha)
     history, position = History(), training_state.Position()
     run = {"rollbacks": 0, "applied": 0}  # steps undone for a non-finite value; steps applied
+    since = [0.0, 0]  # train loss summed over the steps since the last evaluation, and their count
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
@@ -188,7 +189,11 @@ def finetune(
             precision.scaler.load_state_dict(resumed["scaler"])
         history.load_state_dict(resumed["history"])
         position.load(resumed["position"], resumed["rng"])
-        run.update(resumed["run"])
+        saved = dict(resumed["run"])
+        trained_before = saved.pop("since", [0.0, 0])  # the sum over every process: rank 0 alone carries it on
+        if distributed.is_main():
+            since[:] = trained_before
+        run.update(saved)
     params = [p for _, p in named]
     frozen = _freeze_all_but(model, params)
     buffers = _BufferBackup(model)
@@ -202,7 +207,6 @@ def finetune(
     student = _data_parallel(model, device)
     bar = progress_bar(total, verbose, "finetune", "step")
     full_precision = Precision(None, device)
-    since = [0.0, 0]  # train loss summed over the steps since the last evaluation, and their count
 
     def validate() -> None:
         if val_data is None or (history.records and history.records[-1]["step"] == position.step):
@@ -224,11 +228,13 @@ def finetune(
         if save_state is None:
             return
         rngs = distributed.gather(position.rng())  # a collective: every process reaches it at the same step
+        trained = torch.tensor(since, dtype=torch.float64)  # so that the next history row's train loss survives a resume
+        distributed.all_sum([trained])
         with distributed.together():  # a failed write on rank 0 (a full disk) stops the others too, not hangs them
             training_state.save(save_state, {
                 "fingerprint": _structure(model), "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "schedule": schedule.state_dict(), "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                "history": history.state_dict(), "position": position.state(), "rng": rngs, "run": dict(run),
+                "history": history.state_dict(), "position": position.state(), "rng": rngs, "run": {**run, "since": trained.tolist()},
             })  # fmt: skip
 
     try:
@@ -436,7 +442,7 @@ def _check_targets(out: Tensor, targets: Tensor, kind: str, where: str) -> None:
 def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float, undone: int) -> None:
     if torch.isfinite(value):
         return
-    kept = "the weights of the last finite step" if step > 1 else "its weights from before fine-tuning"
+    kept = "the weights of the last finite step" if step - 1 > undone else "its weights from before fine-tuning"
     before = f" ({undone} earlier step(s) undone already)" if undone else ""
     raise NonFiniteLossError(
         f"fine-tuning stopped at step {step}{f' of {total}' if total else ''} (epoch {epoch}): the {what} is "

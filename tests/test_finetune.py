@@ -583,6 +583,8 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_save_every_checkpoint(tmp_
     whole = run_to_the_end(tmp_path, save_every=3)
     resumed, _ = killed_then_resumed(tmp_path, killed_at=7, save_every=3)  # saved at step 6, in epoch 2
     assert_bitwise_equal(snapshot(whole), resumed)
+    # the row after the kill has the train loss of steps 5 and 6 (before it) and 7, 8 (after) too
+    assert resumed.convsep_plan.finetune["history"] == whole.convsep_plan.finetune["history"]
 
 
 def test_resuming_with_another_model_is_one_error_and_changes_nothing(tmp_path):
