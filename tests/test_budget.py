@@ -17,6 +17,7 @@ from convsep.budget import (
     cheapest_cost,
     greedy,
     options_from_spectrum,
+    rounded_optimum,
 )
 from convsep.factorize import channel_svd, discarded_energy_fraction
 from convsep.models import small_cnn
@@ -103,6 +104,56 @@ def test_allocation_beats_greedy_and_the_optimum_of_a_budget_short_by_the_roundi
     shorter = available - len(layers) * available / resolution
     if shorter >= low:
         assert chosen.error <= brute_force(layers, shorter).error + 1e-12
+
+
+def _hull_segments_by_gain(layers):
+    """(cost of the segment, layer, step) in the order of most error removed per unit of cost."""
+    hulls = [_lower_hull(layer.choices()) for layer in layers]
+    segments = [
+        ((hulls[i][s][1] - hulls[i][s + 1][1]) / (hulls[i][s + 1][0] - hulls[i][s][0]), i, s)
+        for i in range(len(hulls))
+        for s in range(len(hulls[i]) - 1)
+    ]
+    segments.sort(key=lambda segment: (-segment[0], segment[1], segment[2]))
+    return [(hulls[i][s + 1][0] - hulls[i][s][0], i, s) for _, i, s in segments], sum(h[0][0] for h in hulls)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(layer_options(), min_size=1, max_size=4), st.floats(0.0, 1.0))
+def test_greedy_is_the_exact_optimum_at_a_budget_its_best_segments_fill_exactly(layers, share):
+    # There the relaxation over the convex hulls has an integral optimum, so no allocation beats it.
+    segments, available = _hull_segments_by_gain(layers)
+    for extra, _, _ in segments[: round(share * len(segments))]:
+        available += extra
+    found = greedy(layers, available)
+    assert found.cost <= available
+    assert found.error == pytest.approx(brute_force(layers, available).error, rel=1e-12, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(layer_options(), min_size=1, max_size=4), st.floats(0.0, 1.0))
+def test_rounded_optimum_is_the_exact_optimum_when_one_step_is_one_unit_of_integer_costs(layers, share):
+    low, high = cheapest_cost(layers), sum(layer.keep_cost for layer in layers)
+    available = round(low + share * (high - low))  # layer_options() costs are integers
+    found = rounded_optimum(layers, available, resolution=available)
+    exact = brute_force(layers, available)
+    assert found.cost <= available
+    assert found.error == pytest.approx(exact.error, rel=1e-12, abs=1e-12)
+    assert found.error == pytest.approx(sum(layer.error_of(c) for layer, c in zip(layers, found.choices)), rel=1e-12)
+
+
+def test_rounded_optimum_of_nothing_to_spend_or_no_layers_is_none():
+    layers = [_options((40, 12, [5.0, 2.0]))]
+    assert rounded_optimum(layers, 0.0) is None and rounded_optimum([], 10.0) is None
+    assert rounded_optimum(layers, 11.0, resolution=11) is None  # even rank 1 (12) does not fit
+
+
+def test_greedy_spends_what_the_hull_leaves_on_an_option_off_the_hull_that_fits_exactly():
+    # (40, 30) lies above the hull from (10, 50) to (60, 10); with 40 to spend the hull's next point does not fit.
+    layer = LayerOptions(keep_cost=100, rank_costs=(10, 40, 60), rank_errors=(50.0, 30.0, 10.0))
+    assert [point[:2] for point in _lower_hull(layer.choices())] == [(10, 50.0), (60, 10.0), (100, 0.0)]
+    found = greedy([layer], 40)
+    assert (found.choices, found.cost, found.error) == ([2], 40, 30.0)
 
 
 def test_greedy_is_exact_at_both_ends():
