@@ -156,6 +156,25 @@ def test_greedy_spends_what_the_hull_leaves_on_an_option_off_the_hull_that_fits_
     assert (found.choices, found.cost, found.error) == ([2], 40, 30.0)
 
 
+def test_greedy_takes_segments_by_error_removed_per_unit_of_cost():
+    # a: 20 for 20 more (1.0 per unit); b and c: 15 for 10 more (1.5 each). 20 to spend: b and c, not a.
+    a = LayerOptions(keep_cost=21, rank_costs=(1,), rank_errors=(20.0,))
+    b = c = LayerOptions(keep_cost=40, rank_costs=(30,), rank_errors=(15.0,))
+    found = greedy([a, b, c], cheapest_cost([a, b, c]) + 20)
+    assert (found.choices, found.cost, found.error) == ([1, KEEP, KEEP], 81, 20.0)
+
+
+def test_allocation_finds_the_optimum_greedy_misses_when_its_resolution_can_see_it():
+    # Greedy keeps b (the better ratio) and then cannot afford a; keeping a and converting b removes more.
+    a = LayerOptions(keep_cost=100, rank_costs=(10,), rank_errors=(10.0,))
+    b = LayerOptions(keep_cost=60, rank_costs=(10,), rank_errors=(9.0,))
+    assert (greedy([a, b], 111).choices, greedy([a, b], 111).error) == ([1, KEEP], 10.0)
+    found = allocate([a, b], 111)
+    assert (found.choices, found.cost, found.error) == ([KEEP, 1], 110, 9.0)
+    coarse = allocate([a, b], 111, resolution=2)  # 55.5 per step: a kept (2 steps) and b (1) no longer fit together
+    assert (coarse.choices, coarse.error) == ([1, KEEP], 10.0)
+
+
 def test_greedy_is_exact_at_both_ends():
     layers = [_options((40, 12, [5.0, 2.0, 1.0, 0.5])), _options((30, 11, [3.0, 3.0, 0.1]))]
     everything = allocate(layers, sum(layer.keep_cost for layer in layers))
