@@ -18,6 +18,7 @@ from convsep.budget import (
     greedy,
     options_from_spectrum,
     rounded_optimum,
+    spectrum_errors,
 )
 from convsep.factorize import channel_svd, discarded_energy_fraction
 from convsep.models import small_cnn
@@ -149,11 +150,12 @@ def test_rounded_optimum_of_nothing_to_spend_or_no_layers_is_none():
 
 
 def test_greedy_spends_what_the_hull_leaves_on_an_option_off_the_hull_that_fits_exactly():
-    # (40, 30) lies above the hull from (10, 50) to (60, 10); with 40 to spend the hull's next point does not fit.
-    layer = LayerOptions(keep_cost=100, rank_costs=(10, 40, 60), rank_errors=(50.0, 30.0, 10.0))
-    assert [point[:2] for point in _lower_hull(layer.choices())] == [(10, 50.0), (60, 10.0), (100, 0.0)]
+    # (40, 0.3) lies above the hull from (10, 0.5) to (60, 0.1); with 40 to spend the hull's next point does not fit.
+    # Relative errors are below 1, and so is every gain the leftover can make.
+    layer = LayerOptions(keep_cost=100, rank_costs=(10, 40, 60), rank_errors=(0.5, 0.3, 0.1))
+    assert [point[:2] for point in _lower_hull(layer.choices())] == [(10, 0.5), (60, 0.1), (100, 0.0)]
     found = greedy([layer], 40)
-    assert (found.choices, found.cost, found.error) == ([2], 40, 30.0)
+    assert (found.choices, found.cost, found.error) == ([2], 40, 0.3)
 
 
 def test_greedy_takes_segments_by_error_removed_per_unit_of_cost():
@@ -173,6 +175,16 @@ def test_allocation_finds_the_optimum_greedy_misses_when_its_resolution_can_see_
     assert (found.choices, found.cost, found.error) == ([KEEP, 1], 110, 9.0)
     coarse = allocate([a, b], 111, resolution=2)  # 55.5 per step: a kept (2 steps) and b (1) no longer fit together
     assert (coarse.choices, coarse.error) == ([1, KEEP], 10.0)
+
+
+def test_spectrum_errors_are_the_energy_share_each_rank_leaves_out_over_all_channels():
+    S = torch.tensor([[0.3, 0.1, 0.0], [0.2, 0.2, 0.1]], dtype=torch.float64)  # a kernel whose total energy (0.19) is below 1
+    errors = spectrum_errors(S)
+    assert errors == pytest.approx([1 - 0.13 / 0.19, 1 - 0.18 / 0.19, 0.0], abs=1e-12)
+
+
+def test_spectrum_errors_of_a_zero_kernel_are_zero_at_every_rank():
+    assert spectrum_errors(torch.zeros(4, 3)) == [0.0, 0.0, 0.0]
 
 
 def test_greedy_is_exact_at_both_ends():
