@@ -208,6 +208,11 @@ def finetune(
     bar = progress_bar(total, verbose, "finetune", "step")
     full_precision = Precision(None, device)
 
+    def trained_since_evaluation() -> Tensor:
+        trained = torch.tensor(since, dtype=torch.float64)
+        distributed.all_sum([trained])  # a collective: every process reaches it at the same step
+        return trained
+
     def validate() -> None:
         if val_data is None or (history.records and history.records[-1]["step"] == position.step):
             return
@@ -215,8 +220,7 @@ def finetune(
         with eval_mode(model), torch.no_grad():  # the unwrapped model: no DDP hooks, no collectives per batch
             evaluation = evaluate(val_data, lambda batch, where: _batch_loss(
                 model, teacher, objective, batch, where, device, full_precision))  # fmt: skip
-        trained = torch.tensor(since, dtype=torch.float64)
-        distributed.all_sum([trained])  # the mean over every process's batches, the same number everywhere
+        trained = trained_since_evaluation()  # the mean over every process's batches, the same number everywhere
         train_loss = float(trained[0] / trained[1]) if trained[1] else None
         row = history.add(model, evaluation, step=position.step, epoch=position.epoch_of_last_step, train_loss=train_loss, lr=schedule.lr)
         since[:] = [0.0, 0]
@@ -228,8 +232,7 @@ def finetune(
         if save_state is None:
             return
         rngs = distributed.gather(position.rng())  # a collective: every process reaches it at the same step
-        trained = torch.tensor(since, dtype=torch.float64)  # so that the next history row's train loss survives a resume
-        distributed.all_sum([trained])
+        trained = trained_since_evaluation()  # so that the next history row's train loss survives a resume
         with distributed.together():  # a failed write on rank 0 (a full disk) stops the others too, not hangs them
             training_state.save(save_state, {
                 "fingerprint": _structure(model), "model": model.state_dict(), "optimizer": opt.state_dict(),
