@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -49,6 +48,7 @@ from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
 from .progress import progress_bar
+from .warn import warn_user
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def calibrate(
         reached = {index for index, _ in order}
         not_run = [layer.decision.name for index, layer in enumerate(layers) if index not in reached]
         if not_run and distributed.is_main():
-            warnings.warn(f"not calibrated, since the data never reached them: {', '.join(not_run)}", stacklevel=2)
+            warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
         total = len(order) * source.count if source.count else 0
         progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
         results = {}
@@ -132,7 +132,8 @@ def calibrate(
         finally:
             if progress is not None:
                 progress.close()
-    counts = torch.tensor([source.count or 0, source.samples], dtype=torch.float64)
+    # What the fits used (a full pass per calibrated layer); nothing when the data reached no layer.
+    counts = torch.tensor([source.count, source.samples] if results else [0, 0], dtype=torch.float64)
     distributed.all_sum([counts])
     plan.calibration = {
         "batches": int(counts[0]),
@@ -168,7 +169,7 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
         before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
     # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
     distributed.broadcast_module(layer.pair)
-    initial = math.sqrt(stats.initial_error / stats.target_energy) if stats.target_energy > 0 else float("nan")
+    initial = _relative_error(stats.initial_error, stats.target_energy) if stats.count else float("nan")
     predicted = layer.decision.predicted_output_error
     message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
     if predicted is not None:
@@ -469,7 +470,16 @@ def _ridge_solve(a: Tensor, b: Tensor, current: Tensor, ridge: float, width: int
 def _residual(a: Tensor, b: Tensor, theta: Tensor, stats: _LayerStats) -> float:
     """Relative output error ||Y_hat - Y|| / ||Y|| on the data, from the sums alone."""
     squared = stats.target_energy - 2 * float((theta * b).sum()) + float((theta * (a @ theta)).sum())
-    return math.sqrt(max(squared, 0.0) / stats.target_energy) if stats.target_energy > 0 else 0.0
+    return _relative_error(squared, stats.target_energy)
+
+
+def _relative_error(squared_error: float, energy: float) -> float:
+    """sqrt(squared error / energy of the target); a target that is zero everywhere (a pruned layer) is met
+    exactly by zero outputs (0.0) and missed infinitely by any other."""
+    squared_error = max(squared_error, 0.0)  # from sums, rounding can take an exact fit below zero
+    if energy > 0:
+        return math.sqrt(squared_error / energy)
+    return 0.0 if squared_error == 0 else math.inf
 
 
 def _refit_pointwise(pair: _SeparableConvNd, stats: _LayerStats, ridge: float) -> tuple[float, float]:
@@ -516,10 +526,9 @@ def _fit(pair: _SeparableConvNd, stats: _LayerStats, ridge: float, alternate: in
     before, after = _refit_pointwise(pair, stats, ridge)
     unknowns = pair.in_channels // pair.groups * pair.rank * stats.kernel
     if alternate and unknowns > MAX_DEPTHWISE_UNKNOWNS:
-        warnings.warn(
+        warn_user(
             f"layer {name!r}: refitting its depthwise filters means {unknowns} unknowns per group (more than "
             f"{MAX_DEPTHWISE_UNKNOWNS}); only its pointwise weights were refitted",
-            stacklevel=3,
         )
         return before, after
     for _ in range(alternate):

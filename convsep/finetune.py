@@ -38,7 +38,6 @@ import inspect
 import logging
 import math
 import os
-import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -59,6 +58,7 @@ from .probe import cannot_run, describe_inputs, eval_mode
 from .progress import progress_bar
 from .schedule import Schedule
 from .validation import History, attach, evaluate, format_row
+from .warn import warn_user
 
 log = logging.getLogger(__name__)
 
@@ -509,11 +509,10 @@ def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: trainin
             training_state.set_rng_state(now)
         if yielded == 0:
             if position.epoch > 1:
-                warnings.warn(
+                warn_user(
                     f"data yielded no batches in epoch {position.epoch}: stopped after {position.step} steps. A one-shot "
                     "iterator or generator can be read only once; pass a list or a re-iterable (such as a DataLoader) "
                     "to train longer",
-                    stacklevel=3,
                 )
             return
         position.epoch, position.index = position.epoch + 1, 0
@@ -530,10 +529,9 @@ def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[
         per_epoch = -1  # unknown
     shortest, longest = distributed.global_min(per_epoch), -distributed.global_min(-per_epoch)
     if shortest != longest and shortest >= 0 and distributed.is_main():
-        warnings.warn(
+        warn_user(
             f"the processes' shards hold {shortest} to {longest} batches: every process trains {shortest} steps "
             "per epoch (the shortest shard) and the rest is not used",
-            stacklevel=3,
         )
     return epochs * shortest if shortest > 0 else None
 

@@ -8,12 +8,12 @@ the kernel's spectral energy (sum of squared singular values over all channels).
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from typing import Optional, Union
 
 import torch
 
 from .errors import ConvsepTypeError, ConvsepValueError
+from .warn import warn_user
 
 RankSpec = Union[int, float, str]
 
@@ -86,7 +86,7 @@ class RankOverrides:
     def warn_unmatched(self) -> None:
         for pattern in self.ranks:
             if pattern not in self._hits:
-                warnings.warn(f"ranks pattern {pattern!r} matched no convertible convolution", stacklevel=3)
+                warn_user(f"ranks pattern {pattern!r} matched no convertible convolution")
 
 
 BUDGET_ON = ("macs", "params")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import warnings
 from typing import Callable, Iterable, Optional, Union
 
 from torch import nn
@@ -22,6 +21,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .errors import ConvsepTypeError
 from .parametrized import parametrization
 from .standin import STANDARD_CONVS
+from .warn import warn_user
 
 Patterns = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -78,9 +78,8 @@ class LayerFilter:
                 continue
             for pattern in matcher:
                 if pattern not in self._hits:
-                    warnings.warn(
+                    warn_user(
                         f"{keyword} pattern {pattern!r} matched no convolution; check the names with model.named_modules()",
-                        stacklevel=3,
                     )
 
 
