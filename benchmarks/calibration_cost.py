@@ -6,7 +6,8 @@
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
 factorisation: per channel; refit-aware allocation: cross-channel, then the predicted errors
-after the refit at every rank), and calibrate with alternate=0 and alternate=1. Median of
+after the refit at every rank), and calibrate with alternate=0 and alternate=1, each layer after
+the other (the default) and all at once (sequential=False). Median of
 `--repeats` runs, one process. Models: small_cnn on 28x28 images; resnet18 on 64x64 images; a
 1-d audio stack whose middle conv has 1,024 channels and 64-tap kernels in 16 groups (wav2vec2's
 positional conv is 768 channels, 128 taps, 16 groups). Writes benchmarks/results/calibration_cost.json.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -87,12 +89,15 @@ def main(argv=None) -> int:
         predicted = median_seconds(lambda: refit_prediction(model, convs, data), args.repeats)
         row.update(cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
                    refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
-        for alternate in (0, 1):
+        for alternate, sequential in itertools.product((0, 1), (True, False)):
             seconds = median_seconds(
-                lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate), args.repeats, warmup=0
+                lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate, sequential=sequential),
+                args.repeats,
+                warmup=0,
             )
-            row[f"calibrate_alternate{alternate}_s"] = round(seconds, 3)
-            row[f"calibrate_alternate{alternate}_over_both_forwards"] = round(seconds / unit, 2)
+            key = f"calibrate{'' if sequential else '_at_once'}_alternate{alternate}"
+            row[f"{key}_s"] = round(seconds, 3)
+            row[f"{key}_over_both_forwards"] = round(seconds / unit, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:

@@ -12,7 +12,10 @@ fixed, alternating; every step lowers the layer's output error on the calibratio
 Layers are fitted one after the other in the order the model runs them, so that errors
 do not pile up: each pair is fitted on its inputs in the converted model (with the
 pairs before it already calibrated), against the original layer's outputs on the
-original model's inputs to that layer. No labels are needed.
+original model's inputs to that layer. No labels are needed. That costs a partial forward
+of both models per layer and batch; `sequential=False` fits every pair at once on its
+inputs in the original model instead: one forward of the original per batch, but the pairs
+no longer make up for the errors of the ones before them.
 
 The ridge term pulls towards the current weights (the SVD init at first), not towards
 zero: with little data, or directions the data never excites, the fit stays where the
@@ -32,7 +35,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +69,7 @@ def calibrate(
     batches: Optional[int] = None,
     ridge: float = 1e-3,
     alternate: int = 0,
+    sequential: bool = True,
     verbose: bool = False,
     device: Optional[torch.device | str] = None,
 ) -> nn.Module:
@@ -84,6 +88,10 @@ def calibrate(
         of each least-squares system (default 1e-3).
     alternate: after the pointwise refit, this many rounds of (depthwise refit, pointwise
         refit). 0 refits only the pointwise weights and biases.
+    sequential: fit the pairs one after the other, each on its inputs in the converted model
+        with the pairs before it calibrated (the default: errors do not pile up; a partial
+        forward of both models per layer and batch); False fits them all at once on their
+        inputs in the original model (one forward of the original per batch).
     verbose: print each layer's relative output error on the data before and after; with
         tqdm installed (the `progress` extra) and stderr a terminal, also a progress bar.
     device: run on this device (converted is moved there and returned there; original is
@@ -96,7 +104,7 @@ def calibrate(
     docstring). Only rank 0 prints. All processes must pass the same models.
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
-        plan = _check_arguments(converted, original, batches, ridge, alternate)
+        plan = _check_arguments(converted, original, batches, ridge, alternate, sequential)
         if device is not None:
             device = parse_device(device)
             converted.to(device)
@@ -109,29 +117,9 @@ def calibrate(
     distributed.same_everywhere(distributed.fingerprint(converted, original, extra=converted_layers), "models")
     verbose = verbose and distributed.is_main()
 
+    fit = _calibrate_in_order if sequential else _calibrate_at_once
     with eval_mode(converted, original), torch.no_grad():
-        with distributed.together():
-            first = source.first()
-            order = None if first is None else _run_order(converted, layers, first)
-        order = distributed.first_given(order)  # a process with an empty shard learns it from the others
-        if order is None:
-            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
-        reached = {index for index, _ in order}
-        not_run = [layer.decision.name for index, layer in enumerate(layers) if index not in reached]
-        if not_run and distributed.is_main():
-            warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
-        total = len(order) * source.count if source.count else 0
-        progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
-        results = {}
-        try:
-            for index, calls in order:  # in the order the model runs them, so each fit sees the ones before it
-                layer = layers[index]
-                results[layer.decision.name] = _calibrate_layer(
-                    layer, calls, original, converted, source, ridge, alternate, verbose, progress
-                )
-        finally:
-            if progress is not None:
-                progress.close()
+        results = fit(layers, original, converted, source, ridge, alternate, verbose)
     # What the fits used (a full pass per calibrated layer); nothing when the data reached no layer.
     counts = torch.tensor([source.count, source.samples] if results else [0, 0], dtype=torch.float64)
     distributed.all_sum([counts])
@@ -140,14 +128,101 @@ def calibrate(
         "samples": int(counts[1]),
         "ridge": ridge,
         "alternate": alternate,
+        "sequential": sequential,
         "layers": results,
     }
     return converted
 
 
-def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate, verbose, progress) -> dict:
-    """Accumulate one pair's sums over all batches (of every process), refit it, and say how its output error changed."""
-    stats = _LayerStats(layer.pair, patches=alternate > 0)
+def _calibrate_in_order(layers, original, converted, source, ridge, alternate, verbose) -> dict:
+    """Each pair on its inputs in the converted model, in the order the model runs them."""
+    with distributed.together():
+        first = source.first()
+        order = None if first is None else _run_order(converted, layers, first)
+    order = distributed.first_given(order)  # a process with an empty shard learns it from the others
+    if order is None:
+        raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+    _warn_not_reached(layers, {index for index, _ in order})
+    total = len(order) * source.count if source.count else 0
+    progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
+    results = {}
+    try:
+        for index, calls in order:  # in the order the model runs them, so each fit sees the ones before it
+            layer = layers[index]
+            stats = _LayerStats(layer.pair, patches=alternate > 0)
+            _accumulate_in_converted(stats, layer, calls, original, converted, source, progress)
+            results[layer.decision.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return results
+
+
+def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, verbose) -> dict:
+    """Every pair on its inputs in the original model, from one forward of the original per batch."""
+    layers = list({id(layer.pair): layer for layer in layers}.values())  # a shared pair: its last layer, as in order
+    stats = [_LayerStats(layer.pair, patches=alternate > 0) for layer in layers]
+    calls = torch.zeros(len(layers), dtype=torch.float64)
+
+    def keep(index: int, x: Tensor, y: Tensor) -> None:
+        calls[index] += 1
+        stats[index].add(x, y, layers[index].decision.name)
+        stats[index].initial_error += float((layers[index].pair(x) - y).double().square().sum())
+
+    progress = progress_bar(source.count or 0, verbose, "calibrating", "batch", leave=False)
+    try:
+        with distributed.together(), _every_call(layers, keep):
+            batches = 0
+            for batches, inputs in enumerate(source, 1):
+                _forward(original, inputs, f"calibration batch {batches}", "original model")
+                if progress is not None:
+                    progress.update()
+        if distributed.global_min(-batches) == 0:  # no process had a batch (the most any had is 0)
+            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+        distributed.all_sum([calls])
+        reached = [index for index in range(len(layers)) if calls[index] > 0]
+        _warn_not_reached(layers, set(reached))
+        results = {}
+        for index in reached:
+            stats[index].sum_over_processes()
+            results[layers[index].decision.name] = _refit(layers[index], stats[index], ridge, alternate, verbose, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    return results
+
+
+@contextlib.contextmanager
+def _every_call(layers: list[_Layer], keep) -> Iterator[None]:
+    """keep(index in `layers`, input, output) after every call of each layer's conv in the original model."""
+    handles = [
+        layer.original.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
+        for index, layer in enumerate(layers)
+        if isinstance(layer.original, nn.Module)
+    ]
+    by_weight = {id(layer.original): index for index, layer in enumerate(layers) if isinstance(layer.original, Tensor)}
+
+    def functional(conv: dict, output: Tensor) -> None:
+        index = by_weight.get(id(conv.get("weight")))
+        if index is not None:
+            keep(index, conv["input"], output)
+
+    try:
+        with ConvCalls(functional) if by_weight else contextlib.nullcontext():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _warn_not_reached(layers: list[_Layer], reached: set[int]) -> None:
+    not_run = [layer.decision.name for index, layer in enumerate(layers) if index not in reached]
+    if not_run and distributed.is_main():
+        warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
+
+
+def _accumulate_in_converted(stats, layer, calls, original, converted, source, progress) -> None:
+    """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs."""
     with distributed.together():
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
@@ -165,6 +240,10 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
             if progress is not None:
                 progress.update()
     stats.sum_over_processes()
+
+
+def _refit(layer, stats, ridge, alternate, verbose, progress) -> dict:
+    """Refit one pair from its sums (over every process) and say how its output error changed."""
     with distributed.together():
         before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
     # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
@@ -182,7 +261,7 @@ def _calibrate_layer(layer, calls, original, converted, source, ridge, alternate
     return {"before": before, "after": after, "initial": initial}
 
 
-def _check_arguments(converted, original, batches, ridge, alternate):
+def _check_arguments(converted, original, batches, ridge, alternate, sequential):
     for name, model in (("converted", converted), ("original", original)):
         require_eager(model, name)
     if converted is original:
@@ -196,6 +275,8 @@ def _check_arguments(converted, original, batches, ridge, alternate):
         raise ConvsepValueError(f"ridge={ridge!r} must be a finite number >= 0")
     if isinstance(alternate, bool) or not isinstance(alternate, int) or alternate < 0:
         raise ConvsepValueError(f"alternate={alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)")
+    if not isinstance(sequential, bool):
+        raise ConvsepTypeError(f"sequential={sequential!r} must be True or False")
     return plan
 
 

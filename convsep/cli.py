@@ -80,6 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
             objective=args.objective,
             calibration_data=calibration,
             calibration_batches=None if args.calibrate_with else args.calibration_batches,  # applied above
+            calibration_sequential=args.calibration_sequential,
             parametrized=args.parametrized,
             allocate_by=args.allocate_by,
             refit=args.refit,
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--calibration-batches", type=int, metavar="N", help="use at most N batches of --calibrate-with"
     )
+    convert_parser.add_argument(
+        "--calibrate-at-once", dest="calibration_sequential", action="store_false",
+        help="fit every pair at once on its inputs in the original model: one forward pass per batch instead of a "
+        "partial pass of both models per layer (faster on deep models; later pairs no longer make up for earlier ones)",
+    )  # fmt: skip
     convert_parser.add_argument(
         "--init", choices=("auto", "svd", "activation", "random"), default="auto",
         help="factorisation: 'svd' (least weight error), 'activation' (least output error on --calibrate-with data), "

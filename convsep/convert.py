@@ -34,7 +34,7 @@ from .count import (
     separable_params,
 )
 from .eager import require_eager
-from .errors import ConvsepValueError
+from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error
 from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
@@ -113,6 +113,7 @@ def convert(
     budget_on: str = "macs",
     calibration_data: Any = None,
     calibration_batches: Optional[int] = None,
+    calibration_sequential: bool = True,
     parametrized: str = "fold",
     allocate_by: str = "auto",
     refit: bool = True,
@@ -151,6 +152,9 @@ def convert(
         after conversion, the pairs are refitted to reproduce the original layers' outputs on it
         (see convsep.calibrate).
     calibration_batches: use at most this many batches of calibration_data (default: all).
+    calibration_sequential: calibrate's `sequential`: True (default) fits the pairs one after the
+        other on their inputs in the converted model; False fits them all at once on their inputs
+        in the original, from one forward of the original per batch (faster on deep models).
     parametrized: "fold" (default) converts convs whose weight is computed (weight_norm,
         spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
@@ -184,6 +188,8 @@ def convert(
         raise ConvsepValueError(
             f"calibration_batches={calibration_batches!r} needs calibration_data: pass the batches to calibrate on"
         )
+    if not isinstance(calibration_sequential, bool):
+        raise ConvsepTypeError(f"calibration_sequential={calibration_sequential!r} must be True or False")
     if objective not in OBJECTIVES:
         raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
     if objective == "latency" and example_inputs is None:
@@ -237,7 +243,9 @@ def convert(
     setattr(work, PLAN_ATTRIBUTE, plan)
     log.info("%s", plan.summary())
     if calibration_data is not None and refit:
-        work = calibrate(work, original, calibration_data, batches=calibration_batches, verbose=verbose)
+        work = calibrate(
+            work, original, calibration_data, batches=calibration_batches, sequential=calibration_sequential, verbose=verbose
+        )
     if verbose:
         shown = report(original, work, example_inputs) if wants_report else plan.summary()
         if distributed.is_main():

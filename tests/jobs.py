@@ -65,6 +65,15 @@ def calibrate_unequal_shards(folder: str) -> None:
     save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
 
 
+def calibrate_at_once_unequal_shards(folder: str) -> None:
+    """As calibrate_unequal_shards, every pair fitted at once on the original's inputs."""
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    converted = convsep.convert(model, rank=1)
+    convsep.calibrate(converted, model, shard(data), alternate=1, sequential=False)
+    save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
+
+
 def calibrate_empty_shard(folder: str) -> None:
     model = net()
     data = [x for x, _ in batches(3)] if dist.get_rank() == 0 else []

@@ -75,6 +75,7 @@ def test_the_plan_records_the_batches_samples_and_settings_used():
         "samples": 8,
         "ridge": 1e-3,  # the default
         "alternate": 1,
+        "sequential": True,
     }
     assert list(calibration["layers"]) == ["0", "2"]
     assert all(set(errors) == {"before", "after", "initial"} for errors in calibration["layers"].values())

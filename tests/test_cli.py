@@ -559,6 +559,14 @@ def test_convert_calibration_batches_limits_the_batches_used(work, capsys):
     assert (calibration["batches"], calibration["samples"]) == (2, 8)
 
 
+def test_convert_calibrate_at_once_reaches_calibrate(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--calibrate-at-once"), capsys)
+    assert code == 0, err
+    calibration = convsep.load(work / "out.pt").plan.calibration
+    assert (calibration["sequential"], calibration["batches"], calibration["samples"]) == (False, 3, 12)
+
+
 @pytest.mark.parametrize(
     "shape, expected",
     [

@@ -53,6 +53,21 @@ def test_sharded_calibration_equals_one_process_on_all_batches(tmp_path):
         assert calibration["layers"][name] == pytest.approx(errors, rel=1e-6)
 
 
+def test_sharded_calibration_at_once_equals_one_process_on_all_batches(tmp_path):
+    succeeded(run_ranks("calibrate_at_once_unequal_shards", tmp_path))
+    results = _results(tmp_path)
+    _assert_bitwise_same([r["state"] for r in results])
+
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    alone = convsep.calibrate(convsep.convert(model, rank=1), model, data, alternate=1, sequential=False)
+    _assert_close(results[0]["state"], alone.state_dict(), 1e-4)
+    calibration = results[0]["calibration"]
+    assert (calibration["batches"], calibration["samples"], calibration["sequential"]) == (5, len(torch.cat(data)), False)
+    for name, errors in alone.convsep_plan.calibration["layers"].items():
+        assert calibration["layers"][name] == pytest.approx(errors, rel=1e-6)
+
+
 def test_a_process_with_no_batches_gets_the_weights_of_the_others(tmp_path):
     succeeded(run_ranks("calibrate_empty_shard", tmp_path))
     results = _results(tmp_path)
