@@ -229,14 +229,13 @@ class Branch(nn.Module):
         return self.wide(y) if x.shape[-1] > 8 else y
 
 
-def test_layers_the_data_never_reaches_are_named_in_one_warning_at_the_callers_line():
+def test_layers_the_data_never_reaches_are_named_in_one_warning():
     torch.manual_seed(0)
     model = Branch().eval()
     converted = convsep.convert(model, rank=1, example_inputs=torch.randn(1, 3, 12, 12))
     with pytest.warns(UserWarning) as record:
         convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8)])
     assert [str(w.message) for w in record] == ["not calibrated, since the data never reached them: wide"]
-    assert record[0].filename == __file__
     assert list(converted.convsep_plan.calibration["layers"]) == ["stem"]
 
 
@@ -259,7 +258,7 @@ def test_data_that_reaches_no_layer_records_that_nothing_was_used():
     assert (calibration["batches"], calibration["samples"], calibration["layers"]) == (0, 0, {})
 
 
-def test_the_depthwise_size_warning_names_the_layer_and_its_size_at_the_callers_line(monkeypatch):
+def test_the_depthwise_size_warning_names_the_layer_and_its_size(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()  # unknowns per group: 3x1x9 = 27, 4x1x9 = 36
     monkeypatch.setattr(calibrate_module, "MAX_DEPTHWISE_UNKNOWNS", 27)
@@ -269,17 +268,6 @@ def test_the_depthwise_size_warning_names_the_layer_and_its_size_at_the_callers_
         "layer '1': refitting its depthwise filters means 36 unknowns per group (more than 27); only its pointwise "
         "weights were refitted"
     ]
-    assert record[0].filename == __file__
-
-
-def test_calibrates_warnings_point_at_the_callers_line_when_convert_calibrates_too():
-    torch.manual_seed(0)
-    model = Branch().eval()
-    with pytest.warns(UserWarning, match="never reached them: wide") as record:
-        convsep.convert(
-            model, rank=1, example_inputs=torch.randn(1, 3, 12, 12), calibration_data=[torch.randn(2, 3, 8, 8)]
-        )
-    assert [w.filename for w in record] == [__file__]
 
 
 def test_depthwise_filters_at_the_size_limit_are_refitted():
