@@ -8,21 +8,9 @@ import pytest
 import torch
 from helpers import relative_error
 from torch import nn
-from zoo import ARCHITECTURES
+from zoo import ARCHITECTURES, Branch, Probe
 
 import convsep
-
-
-class Probe(nn.Module):
-    """Counts its calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x
 
 
 def two_convs():
@@ -131,16 +119,6 @@ def test_odd_models_improve(name):
     convsep.calibrate(converted, model, [x], sequential=False)
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < before
-
-
-class Branch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.wide = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        y = self.stem(x)
-        return self.wide(y) if x.shape[-1] > 8 else y
 
 
 def test_layers_the_data_never_reaches_are_named_in_one_warning_and_left_as_they_are():

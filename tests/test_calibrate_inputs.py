@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import snapshot
 from torch import nn
+from zoo import Probe
 
 import convsep
 
@@ -109,18 +110,6 @@ def test_grouped_layers_with_a_bias_alternate_to_a_lower_error(alternate):
     with torch.no_grad():
         measured = float((alternated(data[0]) - model(data[0])).norm() / model(data[0]).norm())
     assert after == pytest.approx(measured, rel=1e-4)
-
-
-class Probe(nn.Module):
-    """Counts its calls: what runs after the converted layers."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x
 
 
 def test_each_forward_stops_once_the_layer_has_been_seen():

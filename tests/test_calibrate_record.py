@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from zoo import Branch
 
 import convsep
 
@@ -215,18 +216,6 @@ class Unsized:
 
     def __iter__(self):
         return iter(self.items)
-
-
-class Branch(nn.Module):
-    """Its second conv runs only on wide inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.wide = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        y = self.stem(x)
-        return self.wide(y) if x.shape[-1] > 8 else y
 
 
 def test_layers_the_data_never_reaches_are_named_in_one_warning():

@@ -9,22 +9,11 @@ import sys
 import pytest
 import torch
 from torch import nn
+from zoo import Branch
 
 import convsep
 
 calibrate_module = sys.modules["convsep.calibrate"]  # `convsep.calibrate` is the function
-
-
-class Branch(nn.Module):
-    """Its second conv runs only on wide inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.wide = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        y = self.stem(x)
-        return self.wide(y) if x.shape[-1] > 8 else y
 
 
 def branch_and_pairs():

@@ -145,3 +145,27 @@ ARCHITECTURES = {
     "subclass": (SubclassConvNet, (2, 3, 13, 13)),
     "mixed_dims": (MixedDimsNet, (2, 4, 144)),
 }
+
+
+class Branch(nn.Module):
+    """Its second conv runs only on inputs wider than 8: data of 8 or less never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.wide = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.wide(y) if x.shape[-1] > 8 else y
+
+
+class Probe(nn.Module):
+    """Passes its input through and counts its calls: whether (and how often) a model ran to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
