@@ -145,15 +145,17 @@ def test_each_layer_is_fitted_on_the_converted_models_own_inputs():
     torch.testing.assert_close(converted[2].pointwise.weight[:, :, 0, 0], solution[:8].T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("name", ["small_cnn", "functional", "nested_functional", "shared", "untraceable", "subclass", "mixed_dims"])
-def test_full_rank_stays_exact(name):
+def test_full_rank_stays_exact(name, sequential):
     torch.manual_seed(0)
     factory, shape = ARCHITECTURES[name]
     model, x = factory().eval(), torch.randn(shape)
     converted = convsep.convert(model, rank="full")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        convsep.calibrate(converted, model, [x, x * 0.5], alternate=1)
+        convsep.calibrate(converted, model, [x, x * 0.5], alternate=1, sequential=sequential)
+    assert set(converted.convsep_plan.calibration["layers"]) == {d.name for d in converted.convsep_plan.converted}
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) < 1e-4, name
 
