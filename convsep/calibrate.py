@@ -46,7 +46,7 @@ from .activations import patches
 from .batches import as_args, rereadable, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .eager import require_eager
-from .errors import ConvsepTypeError, ConvsepValueError
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
@@ -364,7 +364,7 @@ def _forward(model: nn.Module, inputs: Any, where: str, who: str = "model") -> N
     args = as_args(inputs)
     try:
         model(*args)
-    except _StopForward:
+    except (_StopForward, ConvsepError):  # ConvsepError: from calibrate's own hooks, already clear
         raise
     except Exception as error:  # the model's own code can fail in any way on inputs it cannot take
         raise cannot_run(where, who, args, error) from error

@@ -74,12 +74,16 @@ def calibrate_at_once_unequal_shards(folder: str) -> None:
     save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
 
 
-def calibrate_empty_shard(folder: str) -> None:
+def calibrate_empty_shard(folder: str, sequential: bool = True) -> None:
     model = net()
     data = [x for x, _ in batches(3)] if dist.get_rank() == 0 else []
     converted = convsep.convert(model, rank=1)
-    convsep.calibrate(converted, model, data)
+    convsep.calibrate(converted, model, data, sequential=sequential)
     save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
+
+
+def calibrate_at_once_empty_shard(folder: str) -> None:
+    calibrate_empty_shard(folder, sequential=False)
 
 
 def calibrate_bad_batch_on_rank_1(folder: str) -> None:

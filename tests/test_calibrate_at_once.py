@@ -116,11 +116,12 @@ def test_layers_the_data_never_reaches_are_named_in_one_warning_and_left_as_they
     assert all(torch.equal(converted.wide.state_dict()[key], value) for key, value in wide.items())
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("data", [[], iter([])])
-def test_data_without_batches_is_refused(data):
+def test_data_without_batches_is_refused(data, sequential):
     model = two_convs()
     with pytest.raises(convsep.ConvsepValueError) as info:
-        convsep.calibrate(convsep.convert(model, rank=1), model, data, sequential=False)
+        convsep.calibrate(convsep.convert(model, rank=1), model, data, sequential=sequential)
     assert str(info.value) == "calibration data yielded no batches: nothing to calibrate on"
 
 
@@ -154,3 +155,14 @@ def test_convert_refuses_a_calibration_sequential_that_is_not_a_bool_before_any_
     with pytest.raises(convsep.ConvsepTypeError) as info:
         convsep.convert(two_convs(), rank=1, calibration_data=data(), calibration_sequential="no")
     assert str(info.value) == "calibration_sequential='no' must be True or False"
+
+
+def test_an_original_whose_layer_gives_other_shapes_is_refused_naming_the_layer():
+    torch.manual_seed(0)
+    converted = convsep.convert(nn.Sequential(nn.Conv2d(3, 6, 3)).eval(), rank=1)
+    strided = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2)).eval()  # same names, other positions
+    with pytest.raises(convsep.ConvsepValueError) as info:
+        convsep.calibrate(converted, strided, [torch.randn(2, 3, 8, 8)], sequential=False)
+    assert str(info.value) == (
+        "layer '0': the original layer's outputs (2, 6, 3, 3) do not match the pair's 6 channels at 36 positions"
+    )

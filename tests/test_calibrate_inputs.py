@@ -236,6 +236,22 @@ def test_an_original_whose_layer_gives_other_shapes_is_refused_naming_the_layer_
     )
 
 
+def test_a_batch_only_the_converted_model_cannot_take_names_the_converted_model_the_batch_and_the_layer():
+    model, converted = one_conv()
+
+    def refuse_three(_module, args):
+        if args[0].shape[0] == 3:
+            raise RuntimeError("three is too many")
+
+    converted.register_forward_pre_hook(refuse_three)  # the original runs the batch; the converted model cannot
+    with pytest.raises(convsep.InputShapeError) as info:
+        convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)])
+    assert str(info.value) == (
+        "calibration batch 2 (calibrating '0'): the converted model cannot run on inputs (3, 3, 8, 8) float32: "
+        "RuntimeError: three is too many"
+    )
+
+
 def test_an_original_that_calls_the_layer_less_often_is_refused():
     torch.manual_seed(0)
     model = Twice().eval()

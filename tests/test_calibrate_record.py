@@ -175,16 +175,19 @@ class FakeBar:
         self.closed = True
 
 
-def test_the_progress_bar_counts_every_layer_on_every_batch_and_carries_the_lines(monkeypatch, capsys):
+@pytest.mark.parametrize("sequential, passes", [(True, 2 * 4), (False, 4)])  # 2 layers x 4 batches, or 4 batches
+def test_the_progress_bar_counts_every_pass_over_a_batch_and_carries_the_lines(monkeypatch, capsys, sequential, passes):
     bars = []
     monkeypatch.setattr(
         calibrate_module, "progress_bar", lambda *args, **kwargs: bars.append(FakeBar(*args, **kwargs)) or bars[-1]
     )
     model = two_convs()
-    calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, batches() * 2, verbose=True)
+    calibrated = convsep.calibrate(
+        convsep.convert(model, rank=1), model, batches() * 2, verbose=True, sequential=sequential
+    )
     (bar,) = bars
-    assert bar.settings == {"total": 2 * 4, "verbose": True, "desc": "calibrating", "unit": "batch", "leave": False}
-    assert bar.updates == 2 * 4 and bar.closed
+    assert bar.settings == {"total": passes, "verbose": True, "desc": "calibrating", "unit": "batch", "leave": False}
+    assert bar.updates == passes and bar.closed
     assert bar.written == expected_lines(calibrated)  # through the bar, so that it is not torn
     assert capsys.readouterr().out == ""
 

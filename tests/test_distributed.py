@@ -68,12 +68,13 @@ def test_sharded_calibration_at_once_equals_one_process_on_all_batches(tmp_path)
         assert calibration["layers"][name] == pytest.approx(errors, rel=1e-6)
 
 
-def test_a_process_with_no_batches_gets_the_weights_of_the_others(tmp_path):
-    succeeded(run_ranks("calibrate_empty_shard", tmp_path))
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_process_with_no_batches_gets_the_weights_of_the_others(tmp_path, sequential):
+    succeeded(run_ranks("calibrate_empty_shard" if sequential else "calibrate_at_once_empty_shard", tmp_path))
     results = _results(tmp_path)
     _assert_bitwise_same([r["state"] for r in results])
     model = net()
-    alone = convsep.calibrate(convsep.convert(model, rank=1), model, [x for x, _ in batches(3)])
+    alone = convsep.calibrate(convsep.convert(model, rank=1), model, [x for x, _ in batches(3)], sequential=sequential)
     _assert_close(results[1]["state"], alone.state_dict(), 1e-4)
     assert results[1]["calibration"]["batches"] == 3
 
