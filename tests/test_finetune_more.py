@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal, snapshot
 from torch import nn
 
 import convsep
@@ -98,6 +99,44 @@ def test_a_training_state_is_read_weights_only_even_when_the_environment_lets_to
     ):
         training_state.load(path, _structure(model))
     assert RAN == []
+
+
+def written_on_a_gpu(path, state) -> None:
+    """Save `state` as a CUDA run does: every tensor tagged with the device it lived on ("cuda:0")."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, path)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CPU-only machine: where a GPU's training state must still load"
+)
+def test_a_training_state_written_on_a_gpu_loads_onto_the_cpu(tmp_path):
+    path = tmp_path / "state.pt"
+    convsep.finetune(nn.Linear(3, 2), numbered_batches(1.0), loss=loss_is_the_target, save_state=path, verbose=False)
+    state = torch.load(path, weights_only=True)
+    written_on_a_gpu(path, state)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # as written: on a device this machine does not have
+    loaded = training_state.load(path, _structure(nn.Linear(3, 2)))
+    assert loaded["model"].keys() == state["model"].keys()
+    for name, value in state["model"].items():
+        assert loaded["model"][name].device.type == "cpu" and torch.equal(loaded["model"][name], value), name
+
+
+def test_a_training_state_with_a_float16_gradient_scaler_resumes_without_one(tmp_path):
+    """A CUDA run in float16 saves its GradScaler; resumed in float32 (here, on the CPU) there is no scaler to
+    load it into, and the run goes on as from the same state without one."""
+    path, with_scaler, data = tmp_path / "state.pt", tmp_path / "with_scaler.pt", numbered_batches(1.0, 2.0)
+    convsep.finetune(nn.Linear(3, 2), data, loss=loss_is_the_target, save_state=path, verbose=False)
+    state = torch.load(path, weights_only=True)
+    assert state["scaler"] is None
+    state["scaler"] = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                       "_growth_tracker": 0}  # fmt: skip  # torch.amp.GradScaler("cuda").state_dict() after a step
+    torch.save(state, with_scaler)
+    resumed = [convsep.finetune(nn.Linear(3, 2), data, epochs=2, loss=loss_is_the_target, resume=state_path,
+                                verbose=False) for state_path in (path, with_scaler)]  # fmt: skip
+    assert_bitwise_equal(snapshot(resumed[0]), resumed[1])
 
 
 # --- validation accuracy -------------------------------------------------------------------------
