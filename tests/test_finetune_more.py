@@ -1,6 +1,7 @@
 """Fine-tuning behaviour the mutation run (issue #17) found untested: the train loss carried in a training
-state, resuming a state written without it, reading a state weights-only whatever the environment says,
-and accuracy against probability rows."""
+state and resuming a state written without it; a conversion that converted nothing resuming its original's
+state; reading a state weights-only whatever the environment says; a GPU run's state (CUDA tensors, a
+float16 gradient scaler) resumed on the CPU; accuracy against probability rows."""
 
 import re
 
@@ -14,10 +15,6 @@ from convsep import training_state
 from convsep.finetune import _structure
 from convsep.plan import plan_of
 from convsep.validation import evaluate
-
-
-def whole(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def loss_is_the_target(out, teacher_out, targets):
