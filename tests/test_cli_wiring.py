@@ -41,6 +41,17 @@ def picky():
 
 def interrupted():
     raise KeyboardInterrupt
+
+class FourInputs(nn.Module):  # an image and three vectors
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, image, a, b, c):
+        return self.conv(image).mean((2, 3)) + a + b + c
+
+def four_inputs():
+    return FourInputs()
 """
 
 CALIBRATION_DATA = "import torch\n\ndef batches():\n    torch.manual_seed(3)\n    return [torch.randn(4, 1, 28, 28) for _ in range(3)]\n"
@@ -247,6 +258,22 @@ def test_convert_allocate_by_weights_reaches_the_budget(work, capsys):
     code, _, err = run(argv + ["--allocate-by", "weights"], capsys)
     assert code == 0, err
     assert convsep.load(work / "out.pt").plan.budget["allocated_by"] == "weights"
+
+
+def test_calibrate_with_for_a_model_of_four_inputs_leaves_the_sizes_to_the_source(work, capsys, monkeypatch):
+    # four input shapes are not one 4-d image shape: no channels and size for an image folder
+    asked = []
+
+    def load_batches(source, **kwargs):
+        asked.append(kwargs)
+        raise ConvsepValueError("only what was asked matters here")
+
+    monkeypatch.setattr(convsep.cli, "load_batches", load_batches)
+    torch.save(convsep.cli.resolve_callable(spec(work, "four_inputs"))().state_dict(), work / "four.pt")
+    argv = ["convert", work / "four.pt", "-o", work / "out.pt", "--model", spec(work, "four_inputs")]
+    argv += ["--calibrate-with", "images/", "--input-shape", "2,1,6,6"] + ["--input-shape", "2,4"] * 3
+    code, _, err = run(argv, capsys)
+    assert (code, err, asked) == (1, "convsep: error: only what was asked matters here\n", [{}])
 
 
 # --- demo -------------------------------------------------------------------------------------
