@@ -222,13 +222,16 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}): {first_line(error)}") from None
 
 
-def check_destination(path: PathLike, *, overwrite: bool, sources: tuple[PathLike, ...] = ()) -> None:
-    """Refuse a destination that is one of `sources`, exists without `overwrite`, or cannot be written."""
+def check_destination(
+    path: PathLike, *, overwrite: bool, sources: Optional[dict[str, PathLike]] = None, what: str = "output"
+) -> None:
+    """Refuse a destination that is one of `sources` (role -> path: the files the command reads or also
+    writes), exists without `overwrite`, or cannot be written; `what` names the destination in errors."""
     path = Path(path)
     shown = str(path)
-    for source in sources:
+    for role, source in (sources or {}).items():
         if _same_file(path, Path(source)):
-            raise CheckpointError(f"the output {shown} is the input {source}: write the converted model to another file")
+            raise CheckpointError(f"the {what} {shown} is the {role} {source}: write the {what} to another file")
     if path.is_dir():
         raise CheckpointError(f"the output {shown} is a directory: name a file, like {path / 'model.pt'}")
     if path.exists() and not overwrite:

@@ -50,7 +50,7 @@ FORMATS = ("table", "markdown", "json", "csv")
 def _convert(args: argparse.Namespace) -> int:
     with distributed.together():  # every process converted (and calibrated) without error before rank 0 writes
         if distributed.is_main():
-            check_destination(args.output, overwrite=args.force, sources=(args.input,))
+            check_destination(args.output, overwrite=args.force, sources={"input": args.input})
         loaded = _load(args.input, args.model, trust_pickle=args.trust_pickle)
         if distributed.local_device() is not None:  # torchrun with CUDA: calibrate on this process's GPU
             loaded.model.to(distributed.local_device())
@@ -63,6 +63,8 @@ def _convert(args: argparse.Namespace) -> int:
         calibration = None
         if args.calibration_batches is not None and args.calibration_batches < 1:
             raise ConvsepValueError(f"--calibration-batches {args.calibration_batches} must be a positive number of batches")
+        if args.calibration_batches is not None and not args.calibrate_with:
+            raise ConvsepValueError("--calibration-batches needs --calibrate-with DATA: the batches to calibrate on")
         if args.calibrate_with:
             image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
             # --calibration-batches counts batches in all: the first N are shared out among the processes.
@@ -79,7 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
             budget_on=args.budget_on,
             objective=args.objective,
             calibration_data=calibration,
-            calibration_batches=None if args.calibrate_with else args.calibration_batches,  # applied above
+            calibration_batches=None,  # applied above, over all processes
             calibration_sequential=args.calibration_sequential,
             parametrized=args.parametrized,
             allocate_by=args.allocate_by,
@@ -127,9 +129,14 @@ def _finetune(args: argparse.Namespace) -> int:
     state = args.training_state or args.resume or f"{args.output}.training.pt"
     with distributed.together():  # every process trained without error before rank 0 writes
         if distributed.is_main():
-            check_destination(args.output, overwrite=args.force, sources=(args.input, args.teacher))
+            check_destination(args.output, overwrite=args.force, sources={"input": args.input, "teacher": args.teacher})
             if not _same_path(state, args.resume):
-                check_destination(state, overwrite=args.force, sources=(args.input, args.teacher, args.output))
+                check_destination(
+                    state,
+                    overwrite=args.force,
+                    sources={"input": args.input, "teacher": args.teacher, "output": args.output},
+                    what="training state",
+                )
         student = _load(args.input, args.model, trust_pickle=args.trust_pickle)
         teacher = _load(args.teacher, args.model, trust_pickle=args.trust_pickle).model
         data = distributed.shard(load_batches(args.data, option="--data"))

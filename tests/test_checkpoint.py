@@ -325,17 +325,17 @@ def test_destination_checks(tmp_path):
     (tmp_path / "sub").mkdir()
     for same in (source, tmp_path / "sub" / ".." / "in.pt"):
         with pytest.raises(convsep.CheckpointError, match="is the input"):
-            check_destination(same, overwrite=True, sources=(source,))
+            check_destination(same, overwrite=True, sources={"input": source})
     os.symlink(source, tmp_path / "link.pt")
     with pytest.raises(convsep.CheckpointError, match="is the input"):
-        check_destination(tmp_path / "link.pt", overwrite=True, sources=(source,))
+        check_destination(tmp_path / "link.pt", overwrite=True, sources={"input": source})
     with pytest.raises(convsep.CheckpointError, match="exists: pass --force"):
         check_destination(source, overwrite=False)
     with pytest.raises(convsep.CheckpointError, match="is a directory"):
         check_destination(tmp_path / "sub", overwrite=True)
     with pytest.raises(convsep.CheckpointError, match="does not exist"):
         check_destination(tmp_path / "nowhere" / "out.pt", overwrite=True)
-    check_destination(tmp_path / "new.pt", overwrite=False, sources=(source,))
+    check_destination(tmp_path / "new.pt", overwrite=False, sources={"input": source})
 
 
 def test_safetensors_missing_names_the_extra(tmp_path, monkeypatch):

@@ -108,11 +108,23 @@ def test_finetune_force_replaces_an_existing_output_and_training_state(work, cap
 @pytest.mark.parametrize(
     "extra, out, says",
     [
-        ([], "sep.pt", "the output {w}/sep.pt is the input {w}/sep.pt"),
-        ([], "in.pt", "the output {w}/in.pt is the input {w}/in.pt"),
-        (["--training-state", "in.pt"], "ft.pt", "the output {w}/in.pt is the input {w}/in.pt"),
-        (["--training-state", "sep.pt"], "ft.pt", "the output {w}/sep.pt is the input {w}/sep.pt"),
-        (["--training-state", "ft.pt"], "ft.pt", "the output {w}/ft.pt is the input {w}/ft.pt"),
+        ([], "sep.pt", "the output {w}/sep.pt is the input {w}/sep.pt: write the output"),
+        ([], "in.pt", "the output {w}/in.pt is the teacher {w}/in.pt: write the output"),
+        (
+            ["--training-state", "in.pt"],
+            "ft.pt",
+            "the training state {w}/in.pt is the teacher {w}/in.pt: write the training state",
+        ),
+        (
+            ["--training-state", "sep.pt"],
+            "ft.pt",
+            "the training state {w}/sep.pt is the input {w}/sep.pt: write the training state",
+        ),
+        (
+            ["--training-state", "ft.pt"],
+            "ft.pt",
+            "the training state {w}/ft.pt is the output {w}/ft.pt: write the training state",
+        ),
     ],
     ids=["OUT is the student", "OUT is the teacher", "state is the teacher", "state is the student", "state is OUT"],
 )
@@ -121,7 +133,7 @@ def test_finetune_never_writes_over_its_inputs_even_with_force(extra, out, says,
     contents = {name: (work / name).read_bytes() for name in ("in.pt", "sep.pt")}
     code, _, err = run(finetune_argv(work, *extra, "--force", out=out), capsys)
     assert code == 1 and spy == {}
-    assert err == f"convsep: error: {says.format(w=work)}: write the converted model to another file\n"
+    assert err == f"convsep: error: {says.format(w=work)} to another file\n"
     assert {name: (work / name).read_bytes() for name in contents} == contents
 
 

@@ -247,7 +247,7 @@ def test_convert_calibration_batches_0_is_refused_in_one_line(work, capsys):
 def test_convert_calibration_batches_without_calibrate_with_is_refused(work, capsys):
     code, _, err = run(convert_argv(work, "--calibration-batches", "2"), capsys)
     assert code == 1 and not (work / "out.pt").exists()
-    assert err == "convsep: error: calibration_batches=2 needs calibration_data: pass the batches to calibrate on\n"
+    assert err == "convsep: error: --calibration-batches needs --calibrate-with DATA: the batches to calibrate on\n"
 
 
 def test_convert_allocate_by_weights_reaches_the_budget(work, capsys):
