@@ -33,7 +33,7 @@ def test_params_budget_records_what_it_reached_and_says_why_each_layer_stayed():
     ]
     assert plan.layers[1].relative_error == pytest.approx(_weight_error(model[1], 1), rel=1e-5)
     budget = dict(plan.budget)
-    assert budget.pop("error") == pytest.approx(plan.layers[1].relative_error**2, rel=1e-6)
+    assert budget.pop("error") == pytest.approx(plan.layers[1].relative_error ** 2, rel=1e-6)
     # 33 bias params stay; layer 1 becomes 16*9 + 16*16 = 400 params at rank 1.
     assert budget == {
         "fraction": 0.5,
