@@ -155,7 +155,8 @@ def discover(root: nn.Module) -> Discovery:
                         if not isinstance(child, (_ConvNd, _SeparableConvNd)):
                             visit(_join(_join(prefix, node.target), name), child)
 
-    visit("", root)
+    if not isinstance(root, (_ConvNd, _SeparableConvNd)):  # a conv's own F.conv call is the conv, not a functional conv
+        visit("", root)
     return found
 
 
