@@ -2,6 +2,7 @@
 several times, forwards stopped early, the device and the modes; and the messages for what it cannot use."""
 
 import copy
+import re
 import sys
 
 import pytest
@@ -197,15 +198,20 @@ def test_a_first_batch_the_models_cannot_take_names_the_converted_model_and_the_
     model, converted = one_conv()
     with pytest.raises(convsep.InputShapeError) as info:
         convsep.calibrate(converted, model, [torch.randn(2, 5, 8, 8)])
-    assert str(info.value).startswith("calibration batch 1: the converted model cannot run on inputs (2, 5, 8, 8) ")
+    assert re.fullmatch(
+        r"calibration batch 1: the converted model cannot run on inputs \(2, 5, 8, 8\) float32: RuntimeError: .+",
+        str(info.value),
+    )
 
 
 def test_a_later_batch_the_models_cannot_take_names_the_original_model_the_batch_and_the_layer():
     model, converted = one_conv()
     with pytest.raises(convsep.InputShapeError) as info:
         convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 8, 8)])
-    assert str(info.value).startswith(
-        "calibration batch 2 (calibrating '0'): the original model cannot run on inputs (2, 5, 8, 8) "
+    assert re.fullmatch(
+        r"calibration batch 2 \(calibrating '0'\): the original model cannot run on inputs \(2, 5, 8, 8\) float32: "
+        r"RuntimeError: .+",
+        str(info.value),
     )
 
 
@@ -297,3 +303,59 @@ def test_a_pair_that_makes_nan_is_refused_before_its_fit_and_left_as_it_was():
         "fit would be NaN: the layer was left as it was. Look for NaN/inf in the calibration data"
     )
     assert bool(torch.isfinite(converted[0].pointwise.weight).all())
+
+
+def test_an_original_that_gives_other_shapes_on_one_sample_of_one_channel_is_refused_the_same_way():
+    model, converted = one_conv(in_channels=1, out_channels=6)
+    strided = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2)).eval()
+    with pytest.raises(convsep.ConvsepValueError) as info:
+        convsep.calibrate(converted, strided, [torch.randn(1, 1, 8, 8)])
+    assert str(info.value) == (
+        "layer '0': the original layer's outputs (1, 6, 3, 3) do not match the pair's 6 channels at 36 positions"
+    )
+
+
+@pytest.mark.parametrize(
+    "converted, original, message",
+    [
+        ("model", None, "converted must be a torch.nn.Module, got str"),
+        ("same", None, "converted and original are the same model: pass the model convert was given as original"),
+        (
+            "plain", None,
+            "converted has no conversion plan (convsep_plan): pass a model returned by convsep.convert",
+        ),
+    ],
+)  # fmt: skip
+def test_models_that_cannot_be_calibrated_are_refused_with_the_whole_message(converted, original, message):
+    model, pairs = one_conv()
+    converted = {"model": "model", "same": pairs, "plain": copy.deepcopy(model)}[converted]
+    original = pairs if converted is pairs else model
+    with pytest.raises((convsep.ConvsepTypeError, convsep.ConvsepValueError)) as info:
+        convsep.calibrate(converted, original, [torch.randn(2, 3, 8, 8)])
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "keyword, value, message",
+    [
+        ("batches", True, "batches=True must be a positive int (or None for all batches)"),
+        ("batches", 2.5, "batches=2.5 must be a positive int (or None for all batches)"),
+        ("batches", 0, "batches=0 must be a positive int (or None for all batches)"),
+        ("ridge", True, "ridge=True must be a finite number >= 0"),
+        ("ridge", float("inf"), "ridge=inf must be a finite number >= 0"),
+        ("ridge", float("nan"), "ridge=nan must be a finite number >= 0"),
+        ("alternate", True, "alternate=True must be an int >= 0 (rounds of depthwise + pointwise refits)"),
+        ("alternate", 1.0, "alternate=1.0 must be an int >= 0 (rounds of depthwise + pointwise refits)"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_whole_message(keyword, value, message):
+    model, converted = one_conv()
+    with pytest.raises(convsep.ConvsepValueError) as info:
+        convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8)], **{keyword: value})
+    assert str(info.value) == message
+
+
+def test_one_batch_is_a_valid_limit():
+    model, converted = one_conv()
+    convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8)] * 3, batches=1)
+    assert converted.convsep_plan.calibration["batches"] == 1

@@ -146,10 +146,17 @@ def test_refit_aware_predictions_are_printed_too(capsys):
     predicted = {d.name: d.predicted_refit_error for d in calibrated.convsep_plan.converted}
     assert any(value is not None for value in predicted.values())
     convsep.calibrate(calibrated, model, data, verbose=True)
-    printed = capsys.readouterr().out.splitlines()
-    for line, decision in zip(printed, calibrated.convsep_plan.converted):
-        if decision.predicted_refit_error is not None:
-            assert line.endswith(f" (predicted after the refit: {decision.predicted_refit_error:.4f})")
+    expected = [
+        line
+        + (
+            f" (predicted after the refit: {d.predicted_refit_error:.4f})"
+            if d.predicted_refit_error is not None
+            else ""
+        )
+        for line, d in zip(expected_lines(calibrated), calibrated.convsep_plan.converted)
+    ]
+    assert all(d.predicted_output_error is None for d in calibrated.convsep_plan.converted)  # refit-aware only
+    assert capsys.readouterr().out.splitlines() == expected
 
 
 def test_each_layers_line_is_logged_at_info_whether_verbose_or_not(caplog):
@@ -287,3 +294,44 @@ def test_over_the_size_limit_only_the_pointwise_weights_move(monkeypatch):
     with pytest.warns(UserWarning, match="27 unknowns per group"):
         convsep.calibrate(converted, model, [torch.randn(4, 3, 8, 8)], alternate=1)
     assert torch.equal(converted[0].depthwise.weight, init)
+
+
+def test_the_progress_bar_counts_only_the_batches_asked_for(monkeypatch):
+    bars = []
+    monkeypatch.setattr(
+        calibrate_module, "progress_bar", lambda *args, **kwargs: bars.append(FakeBar(*args, **kwargs)) or bars[-1]
+    )
+    model = two_convs()
+    convsep.calibrate(convsep.convert(model, rank=1), model, batches() * 2, batches=3, verbose=True)
+    assert (bars[0].settings["total"], bars[0].updates) == (2 * 3, 2 * 3)
+
+
+def test_two_layers_never_reached_are_listed_in_one_warning():
+    torch.manual_seed(0)
+
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.left, self.right = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.right(self.left(y)) if x.shape[0] > 4 else y
+
+    model = Stem().eval()
+    converted = convsep.convert(model, rank=1, example_inputs=torch.randn(8, 3, 9, 9))
+    with pytest.warns(UserWarning) as record:
+        convsep.calibrate(converted, model, [torch.randn(2, 3, 9, 9)])
+    assert [str(w.message) for w in record] == ["not calibrated, since the data never reached them: left, right"]
+
+
+def test_a_pair_that_makes_outputs_where_the_original_makes_none_has_an_infinite_relative_error():
+    model = two_convs()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    converted = convsep.convert(model, rank=1)
+    with torch.no_grad():
+        converted[2].pointwise.bias.fill_(1.0)  # the pair's outputs are not zero, the original's are
+    convsep.calibrate(converted, model, batches())
+    assert converted.convsep_plan.calibration["layers"]["2"]["initial"] == math.inf
