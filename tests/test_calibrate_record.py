@@ -216,6 +216,10 @@ def test_the_progress_bar_of_a_generator_has_no_total_and_is_closed_after_an_err
     with pytest.raises(convsep.ConvsepValueError):
         convsep.calibrate(convsep.convert(model, rank=1), model, Unsized(data), verbose=True)
     assert bars[0].settings["total"] == 0 and bars[0].closed  # unknown length
+    bars.clear()
+    with pytest.raises(convsep.ConvsepValueError):
+        convsep.calibrate(convsep.convert(model, rank=1), model, Unsized(data), verbose=True, sequential=False)
+    assert bars[0].settings["total"] == 0 and bars[0].closed  # at once too
 
 
 class Unsized:
