@@ -457,6 +457,7 @@ BAD_INPUTS = {
     "rank zero": (lambda f: _convert(f, "--rank", "0"), 1, "rank=0 must be >= 1"),
     "rank float above 1": (lambda f: _convert(f, "--rank", "1.5"), 1, "must lie in (0, 1)"),
     "bad --init": (lambda f: _convert(f, "--init", "zeros"), 2, "invalid choice"),
+    "bad --format": (lambda f: _convert(f, "--format", "yaml"), 2, "argument --format: invalid choice: 'yaml'"),
     "OUT folder missing": (lambda f: _convert(f, out="no/such/dir/out.pt"), 1, "does not exist"),
     "OUT folder is a file": (_out_in_a_file, 1, "is a file, not a folder"),
     "OUT is a directory": (lambda f: _convert(f, out="."), 1, "is a directory"),
