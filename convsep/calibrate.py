@@ -161,13 +161,12 @@ def _calibrate_in_order(layers, original, converted, source, ridge, alternate, v
 def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, verbose) -> dict:
     """Every pair on its inputs in the original model, from one forward of the original per batch."""
     layers = list({id(layer.pair): layer for layer in layers}.values())  # a shared pair: its last layer, as in order
-    stats = [_LayerStats(layer.pair, patches=alternate > 0) for layer in layers]
+    stats = [_LayerStats(layer.pair, patches=alternate > 0, on_original_inputs=True) for layer in layers]
     calls = torch.zeros(len(layers), dtype=torch.float64)
 
     def keep(index: int, x: Tensor, y: Tensor) -> None:
         calls[index] += 1
         stats[index].add(x, y, layers[index].decision.name)
-        stats[index].initial_error += float((layers[index].pair(x) - y).double().square().sum())
 
     progress = progress_bar(source.count or 0, verbose, "calibrating", "batch", leave=False)
     try:
@@ -236,7 +235,7 @@ def _accumulate_in_converted(stats, layer, calls, original, converted, source, p
             for x, (x_original, y) in zip(sources, seen):
                 stats.add(x, y, layer.decision.name)
                 # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
-                stats.initial_error += float((layer.pair(x_original) - y).double().square().sum())
+                stats.initial_error += float((layer.pair(x_original) - y).square().sum(dtype=torch.float64))
             if progress is not None:
                 progress.update()
     stats.sum_over_processes()
@@ -248,7 +247,10 @@ def _refit(layer, stats, ridge, alternate, verbose, progress) -> dict:
         before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
     # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
     distributed.broadcast_module(layer.pair)
-    initial = _relative_error(stats.initial_error, stats.target_energy) if stats.count else float("nan")
+    if stats.initial_error is None:  # fitted on the original's inputs: its error before the fit is the initial one
+        initial = before
+    else:
+        initial = _relative_error(stats.initial_error, stats.target_energy) if stats.count else float("nan")
     predicted = layer.decision.predicted_output_error
     message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
     if predicted is not None:
@@ -442,7 +444,7 @@ class _LayerStats:
     gram = sum F F^T, cross = sum F Y^T, feature_sum = sum F, target_sum = sum Y.
     """
 
-    def __init__(self, pair: _SeparableConvNd, patches: bool) -> None:
+    def __init__(self, pair: _SeparableConvNd, patches: bool, on_original_inputs: bool = False) -> None:
         self.pair, self.patches = pair, patches
         self.groups = pair.groups
         self.kernel = math.prod(pair.kernel_size)
@@ -457,7 +459,8 @@ class _LayerStats:
         self.target_sum = zeros(self.groups, outputs)
         self.count = 0  # output positions seen (samples x positions)
         self.target_energy = 0.0  # sum of Y^2
-        self.initial_error = 0.0  # sum of (pair(X_original) - Y)^2 before the refit
+        # sum of (pair(X_original) - Y)^2 before the refit; None when X is X_original (the fit's own "before")
+        self.initial_error: Optional[float] = None if on_original_inputs else 0.0
 
     def _features(self, x: Tensor) -> Tensor:
         # The depthwise outputs, or every input channel's patches at the depthwise conv's output positions
@@ -487,7 +490,7 @@ class _LayerStats:
             self.feature_sum += f.sum(dim=2).double()
             self.target_sum += t.sum(dim=2).double()
             self.count += f.shape[-1]
-            self.target_energy += float(t.double().square().sum())
+            self.target_energy += float(t.square().sum(dtype=torch.float64))
 
     def finite(self) -> bool:
         """Whether every sum is finite: one NaN or inf in the data poisons them all, and then the fit."""
@@ -498,9 +501,11 @@ class _LayerStats:
         """Add up the sums of every process of a distributed job (nothing to do in one process)."""
         if not distributed.active():
             return
-        scalars = torch.tensor([self.count, self.target_energy, self.initial_error], dtype=torch.float64, device=self.gram.device)
+        scalars = torch.tensor([self.count, self.target_energy, self.initial_error or 0.0], dtype=torch.float64, device=self.gram.device)
         distributed.all_sum([self.gram, self.cross, self.feature_sum, self.target_sum, scalars])
-        self.count, self.target_energy, self.initial_error = int(scalars[0]), float(scalars[1]), float(scalars[2])
+        self.count, self.target_energy = int(scalars[0]), float(scalars[1])
+        if self.initial_error is not None:
+            self.initial_error = float(scalars[2])
 
 
 def _by_group(x: Tensor, groups: int) -> Tensor:
