@@ -1,4 +1,3 @@
-import inspect
 import json
 import os
 import subprocess
@@ -8,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cli_support import run, spec, trained
 import convsep
 import convsep.cli
 from convsep.cli import main
@@ -53,12 +53,6 @@ NOT_CALLABLE = 42
 """
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def work(tmp_path):
     """A folder with a factory file and a state_dict of small_cnn(width=4) saved from it."""
@@ -67,16 +61,6 @@ def work(tmp_path):
     model = small_cnn(width=4).eval()
     torch.save(model.state_dict(), tmp_path / "in.pt")
     return tmp_path
-
-
-def spec(folder, name="build"):
-    return f"{folder / 'nets.py'}:{name}"
-
-
-def trained(folder):
-    model = small_cnn(width=4).eval()
-    model.load_state_dict(torch.load(folder / "in.pt", weights_only=True))
-    return model
 
 
 # --- convert -------------------------------------------------------------------------------

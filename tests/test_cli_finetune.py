@@ -8,9 +8,9 @@ returns the model untrained: the CLI's part is the wiring, finetune's is tested 
 import pytest
 import torch
 
+from cli_support import run, spec
 import convsep
 import convsep.cli
-from convsep.cli import main
 from convsep.models import small_cnn
 
 FACTORIES = """
@@ -30,12 +30,6 @@ def labelled():
 """
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def work(tmp_path, capsys):
     """A folder with a factory and data file (nets.py), the original small_cnn(width=4) as in.pt and,
@@ -47,10 +41,6 @@ def work(tmp_path, capsys):
     code, _, err = run(argv + ["--input-shape", "2,1,28,28"], capsys)
     assert code == 0, err
     return tmp_path
-
-
-def spec(folder, name="build"):
-    return f"{folder / 'nets.py'}:{name}"
 
 
 def finetune_argv(folder, *extra, student="sep.pt", out="ft.pt"):

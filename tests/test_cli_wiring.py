@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from cli_support import run, spec, trained
 import convsep
 import convsep.cli
 from convsep import distributed
@@ -59,12 +60,6 @@ CALIBRATION_DATA = "import torch\n\ndef batches():\n    torch.manual_seed(3)\n  
 PASS_INPUT_SHAPE = "convsep: pass --input-shape (like 1,3,224,224) for MACs and FLOPs in the report"
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def work(tmp_path):
     """A folder with factories (nets.py), calibration batches (calib.py) and a state_dict of small_cnn(width=4)."""
@@ -73,16 +68,6 @@ def work(tmp_path):
     torch.manual_seed(0)
     torch.save(small_cnn(width=4).eval().state_dict(), tmp_path / "in.pt")
     return tmp_path
-
-
-def spec(folder, name="build"):
-    return f"{folder / 'nets.py'}:{name}"
-
-
-def trained(folder):
-    model = small_cnn(width=4).eval()
-    model.load_state_dict(torch.load(folder / "in.pt", weights_only=True))
-    return model
 
 
 def convert_argv(folder, *extra, out="out.pt"):
