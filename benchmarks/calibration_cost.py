@@ -2,6 +2,7 @@
 
     python benchmarks/calibration_cost.py            # README figures (a few minutes on 2 cores)
     python benchmarks/calibration_cost.py --quick
+    python benchmarks/calibration_cost.py --models resnet18 --calibrate-only   # calibrate in order and at once only
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
@@ -45,12 +46,19 @@ def audio_stack() -> nn.Module:
     )  # fmt: skip
 
 
-def workloads(quick: bool):
+MODELS = ("small_cnn", "resnet18", "audio_1024x64")
+
+
+def workloads(quick: bool, models=MODELS):
     torch.manual_seed(0)
     count = 2 if quick else 8
-    yield "small_cnn", small_cnn().eval(), [torch.randn(128, 1, 28, 28) for _ in range(count)]
-    yield "resnet18", resnet18(num_classes=10).eval(), [torch.randn(16, 3, 64, 64) for _ in range(count)]
-    yield "audio_1024x64", audio_stack().eval(), [torch.randn(4, 80, 200) for _ in range(count)]
+    built = {
+        "small_cnn": lambda: (small_cnn().eval(), [torch.randn(128, 1, 28, 28) for _ in range(count)]),
+        "resnet18": lambda: (resnet18(num_classes=10).eval(), [torch.randn(16, 3, 64, 64) for _ in range(count)]),
+        "audio_1024x64": lambda: (audio_stack().eval(), [torch.randn(4, 80, 200) for _ in range(count)]),
+    }
+    for name in models:
+        yield (name, *built[name]())
 
 
 def forward_all(model, data):
@@ -74,21 +82,24 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--calibrate-only", action="store_true", help="skip the statistics passes of convert")
     args = parser.parse_args(argv)
     print(machine_line())
     rows = []
-    for name, model, data in workloads(args.quick):
+    for name, model, data in workloads(args.quick, args.models):
         converted = convsep.convert(model, rank=args.rank, init="svd")
         convs = {d.name: model.get_submodule(d.name) for d in converted.convsep_plan.converted}
         unit = median_seconds(lambda: (forward_all(model, data), forward_all(converted, data)), args.repeats)
         original_only = median_seconds(lambda: forward_all(model, data), args.repeats)
-        statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
-        row = {"model": name, "batches": len(data), "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3),
-               "statistics_s": round(statistics, 3), "statistics_over_original_forward": round(statistics / original_only, 2)}  # fmt: skip
-        crossed = median_seconds(lambda: input_moments(model, convs, data, None, cross_channel=True), args.repeats)
-        predicted = median_seconds(lambda: refit_prediction(model, convs, data), args.repeats)
-        row.update(cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
-                   refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
+        row = {"model": name, "batches": len(data), "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3)}
+        if not args.calibrate_only:
+            statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
+            crossed = median_seconds(lambda: input_moments(model, convs, data, None, cross_channel=True), args.repeats)
+            predicted = median_seconds(lambda: refit_prediction(model, convs, data), args.repeats)
+            row.update(statistics_s=round(statistics, 3), statistics_over_original_forward=round(statistics / original_only, 2),
+                       cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
+                       refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
         for alternate, sequential in itertools.product((0, 1), (True, False)):
             seconds = median_seconds(
                 lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate, sequential=sequential),
@@ -101,7 +112,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
-        save_json("calibration_cost", {"command": "python benchmarks/calibration_cost.py", "rank": args.rank, "rows": rows})
+        whole = args.models == list(MODELS) and not args.calibrate_only
+        command = "python benchmarks/calibration_cost.py" + ("" if argv is None and whole else " " + " ".join(argv or sys.argv[1:]))
+        name = "calibration_cost" if whole else "calibration_cost_" + "_".join(args.models) + ("_calibrate" if args.calibrate_only else "")
+        save_json(name, {"command": command, "rank": args.rank, "rows": rows})
     return 0
 
 
