@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--calibrate-only", action="store_true", help="skip the statistics passes of convert")
+    parser.add_argument("--alternates", nargs="+", type=int, default=[0, 1], help="calibrate's alternate= values to time")
     args = parser.parse_args(argv)
     print(machine_line())
     rows = []
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
             row.update(statistics_s=round(statistics, 3), statistics_over_original_forward=round(statistics / original_only, 2),
                        cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
                        refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
-        for alternate, sequential in itertools.product((0, 1), (True, False)):
+        for alternate, sequential in itertools.product(args.alternates, (True, False)):
             seconds = median_seconds(
                 lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate, sequential=sequential),
                 args.repeats,
@@ -112,9 +113,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
-        whole = args.models == list(MODELS) and not args.calibrate_only
+        whole = args.models == list(MODELS) and not args.calibrate_only and args.alternates == [0, 1]
         command = "python benchmarks/calibration_cost.py" + ("" if argv is None and whole else " " + " ".join(argv or sys.argv[1:]))
-        name = "calibration_cost" if whole else "calibration_cost_" + "_".join(args.models) + ("_calibrate" if args.calibrate_only else "")
+        name = "calibration_cost" + ("" if args.models == list(MODELS) else "_" + "_".join(args.models))
+        name += "" if whole or not args.calibrate_only else "_calibrate"
         save_json(name, {"command": command, "rank": args.rank, "rows": rows})
     return 0
 
