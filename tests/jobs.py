@@ -116,6 +116,13 @@ def finetune_sharded(folder: str) -> None:
     save(folder, {"state": student.state_dict()})
 
 
+def finetune_different_models(folder: str) -> None:
+    """Rank 1 was handed another conversion of the teacher: no process may train."""
+    teacher = net()
+    student = convsep.convert(teacher, rank=2 + dist.get_rank())
+    record_error(folder, lambda: convsep.finetune(student, shard(batches(4)), teacher=teacher, verbose=False))
+
+
 def validation_batches() -> list:
     """Four batches the training batches do not include."""
     return batches(10)[6:]

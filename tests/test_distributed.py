@@ -87,8 +87,9 @@ def test_a_bad_batch_on_one_process_stops_every_process_with_its_error(tmp_path)
     assert told["message"].startswith("rank 1: calibration batch 2")
 
 
-def test_processes_given_different_models_are_told_so(tmp_path):
-    succeeded(run_ranks("calibrate_different_models", tmp_path))
+@pytest.mark.parametrize("job", ["calibrate_different_models", "finetune_different_models"])
+def test_processes_given_different_models_are_told_so(tmp_path, job):
+    succeeded(run_ranks(job, tmp_path))
     for error in _errors(tmp_path):
         assert error["type"] == "ConvsepValueError" and "different models" in error["message"]
         assert "rank(s) 1 differ" in error["message"]
