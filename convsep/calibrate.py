@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # Above this many unknowns per group the depthwise refit's normal matrix gets too large (4096^2 float64 = 134 MB).
 MAX_DEPTHWISE_UNKNOWNS = 4096
+NO_BATCHES = "calibration data yielded no batches: nothing to calibrate on"
 # Feature elements handled at once while accumulating, to bound memory on large activations.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -141,7 +142,7 @@ def _calibrate_in_order(layers, original, converted, source, ridge, alternate, v
         order = None if first is None else _run_order(converted, layers, first)
     order = distributed.first_given(order)  # a process with an empty shard learns it from the others
     if order is None:
-        raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+        raise ConvsepValueError(NO_BATCHES)
     _warn_not_reached(layers, {index for index, _ in order})
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
@@ -170,14 +171,14 @@ def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, v
 
     progress = progress_bar(source.count or 0, verbose, "calibrating", "batch", leave=False)
     try:
-        with distributed.together(), _every_call(layers, keep):
+        with distributed.together(), _every_call([layer.original for layer in layers], keep):
             batches = 0
             for batches, inputs in enumerate(source, 1):
                 _forward(original, inputs, f"calibration batch {batches}", "original model")
                 if progress is not None:
                     progress.update()
         if distributed.global_min(-batches) == 0:  # no process had a batch (the most any had is 0)
-            raise ConvsepValueError("calibration data yielded no batches: nothing to calibrate on")
+            raise ConvsepValueError(NO_BATCHES)
         distributed.all_sum([calls])
         reached = [index for index in range(len(layers)) if calls[index] > 0]
         _warn_not_reached(layers, set(reached))
@@ -192,14 +193,15 @@ def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, v
 
 
 @contextlib.contextmanager
-def _every_call(layers: list[_Layer], keep) -> Iterator[None]:
-    """keep(index in `layers`, input, output) after every call of each layer's conv in the original model."""
+def _every_call(sites: list[Union[nn.Module, Tensor]], keep) -> Iterator[None]:
+    """keep(index in `sites`, input, output) after every call of each conv module in `sites`, and of every
+    conv call that uses a weight in `sites` (a functional conv's)."""
     handles = [
-        layer.original.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
-        for index, layer in enumerate(layers)
-        if isinstance(layer.original, nn.Module)
+        site.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
+        for index, site in enumerate(sites)
+        if isinstance(site, nn.Module)
     ]
-    by_weight = {id(layer.original): index for index, layer in enumerate(layers) if isinstance(layer.original, Tensor)}
+    by_weight = {id(site): index for index, site in enumerate(sites) if isinstance(site, Tensor)}
 
     def functional(conv: dict, output: Tensor) -> None:
         index = by_weight.get(id(conv.get("weight")))
@@ -401,18 +403,11 @@ def _original_calls(
         if len(outputs) == expected:
             raise _StopForward
 
-    if isinstance(site, nn.Module):
-        handle, watch = site.register_forward_hook(lambda _module, args, output: keep(args[0], output)), contextlib.nullcontext()
-    else:
-        handle, watch = None, ConvCalls(lambda conv, output: keep(conv["input"], output) if conv.get("weight") is site else None)
     try:
-        with watch:
+        with _every_call([site], lambda _index, x, output: keep(x, output)):
             _forward(original, inputs, where, "original model")
     except _StopForward:
         pass
-    finally:
-        if handle is not None:
-            handle.remove()
     return outputs
 
 
