@@ -185,13 +185,9 @@ def test_both_models_run_in_eval_mode_so_no_running_statistics_move():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)).train()
     converted = convsep.convert(model, rank=1).train()
     running = converted[1].running_mean.clone(), converted[1].running_var.clone()
-    with torch.no_grad():
-        eval_target = model.eval()[1](model[0](torch.ones(2, 3, 8, 8)))
-    model.train()
     convsep.calibrate(converted, model, [torch.ones(2, 3, 8, 8) + 0.1 * torch.randn(2, 3, 8, 8)])
     assert torch.equal(converted[1].running_mean, running[0]) and torch.equal(converted[1].running_var, running[1])
     assert converted.training and converted[1].training and model.training
-    assert eval_target.abs().sum() > 0
 
 
 def test_a_first_batch_the_models_cannot_take_names_the_converted_model_and_the_batch():
