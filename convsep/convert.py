@@ -114,6 +114,7 @@ def convert(
     calibration_data: Any = None,
     calibration_batches: Optional[int] = None,
     calibration_sequential: bool = True,
+    calibration_alternate: int = 0,
     parametrized: str = "fold",
     allocate_by: str = "auto",
     refit: bool = True,
@@ -155,6 +156,9 @@ def convert(
     calibration_sequential: calibrate's `sequential`: True (default) fits the pairs one after the
         other on their inputs in the converted model; False fits them all at once on their inputs
         in the original, from one forward of the original per batch (faster on deep models).
+    calibration_alternate: calibrate's `alternate`: rounds of refitting the depthwise filters and
+        then the pointwise weights again after the pointwise refit (default 0; 2 is worth it at
+        aggressive budgets, see README; it costs more on layers with many channels and long kernels).
     parametrized: "fold" (default) converts convs whose weight is computed (weight_norm,
         spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
@@ -190,6 +194,14 @@ def convert(
         )
     if not isinstance(calibration_sequential, bool):
         raise ConvsepTypeError(f"calibration_sequential={calibration_sequential!r} must be True or False")
+    if isinstance(calibration_alternate, bool) or not isinstance(calibration_alternate, int) or calibration_alternate < 0:
+        raise ConvsepValueError(
+            f"calibration_alternate={calibration_alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)"
+        )
+    if calibration_alternate and (calibration_data is None or not refit):
+        raise ConvsepValueError(
+            f"calibration_alternate={calibration_alternate} needs calibration_data and refit=True: it shapes the refit"
+        )
     if objective not in OBJECTIVES:
         raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
     if objective == "latency" and example_inputs is None:
@@ -244,8 +256,9 @@ def convert(
     log.info("%s", plan.summary())
     if calibration_data is not None and refit:
         work = calibrate(
-            work, original, calibration_data, batches=calibration_batches, sequential=calibration_sequential, verbose=verbose
-        )
+            work, original, calibration_data, batches=calibration_batches, sequential=calibration_sequential,
+            alternate=calibration_alternate, verbose=verbose,
+        )  # fmt: skip
     if verbose:
         shown = report(original, work, example_inputs) if wants_report else plan.summary()
         if distributed.is_main():

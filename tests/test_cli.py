@@ -552,6 +552,29 @@ def test_convert_calibrate_at_once_reaches_calibrate(work, capsys):
     assert (calibration["sequential"], calibration["batches"], calibration["samples"]) == (False, 3, 12)
 
 
+def test_convert_calibration_alternate_reaches_calibrate(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--calibration-alternate", "2"), capsys)
+    assert code == 0, err
+    assert convsep.load(work / "out.pt").plan.calibration["alternate"] == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calibration-alternate", "2"], "--calibration-alternate needs --calibrate-with DATA and no --no-refit"),
+        (["--calibration-alternate", "2", "--calibrate-with", "CALIB", "--no-refit"], "--calibration-alternate needs"),
+        (["--calibration-alternate", "-1", "--calibrate-with", "CALIB"], "--calibration-alternate -1 must be 0 or more"),
+    ],
+)
+def test_convert_calibration_alternate_without_a_refit_is_refused(extra, message, work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    extra = [f"{work / 'calib.py'}:batches" if item == "CALIB" else item for item in extra]
+    code, _, err = run(_convert(work, *extra), capsys)
+    assert code == 1 and message in err, err
+    assert not (work / "out.pt").exists()
+
+
 @pytest.mark.parametrize(
     "shape, expected",
     [

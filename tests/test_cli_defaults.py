@@ -29,7 +29,8 @@ def keyword_defaults(function):
         (
             ["convert", "in.pt", "-o", "out.pt"],
             convsep.convert,
-            ["rank", "budget", "budget_on", "objective", "calibrate_with", "calibration_batches", "calibration_sequential", "init",
+            ["rank", "budget", "budget_on", "objective", "calibrate_with", "calibration_batches", "calibration_sequential", "calibration_alternate",
+             "init",
              "allocate_by", "refit", "parametrized", "include", "exclude"],
         ),
         (
