@@ -47,6 +47,7 @@ from .batches import as_args, rereadable, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .eager import require_eager
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError
+from .kept import KeptLayer, kept_layers
 from .layers import _SeparableConvNd
 from .plan import LayerDecision, plan_of
 from .probe import ConvCalls, cannot_run, eval_mode
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 # Above this many unknowns per group the depthwise refit's normal matrix gets too large (4096^2 float64 = 134 MB).
 MAX_DEPTHWISE_UNKNOWNS = 4096
 NO_BATCHES = "calibration data yielded no batches: nothing to calibrate on"
+# A kept layer with more weights per output (per group) is not refitted: its system would cost more than the
+# pairs' (a 512-channel 3x3 conv has 4,608), and too few samples per weight would fit the data, not the layer.
+MAX_KEPT_UNKNOWNS = 4096
+SAMPLES_PER_KEPT_WEIGHT = 4
 # Feature elements handled at once while accumulating, to bound memory on large activations.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -71,6 +76,7 @@ def calibrate(
     ridge: float = 1e-3,
     alternate: int = 0,
     sequential: bool = True,
+    refit_kept: bool = False,
     verbose: bool = False,
     device: Optional[torch.device | str] = None,
 ) -> nn.Module:
@@ -93,6 +99,12 @@ def calibrate(
         with the pairs before it calibrated (the default: errors do not pile up; a partial
         forward of both models per layer and batch); False fits them all at once on their
         inputs in the original model (one forward of the original per batch).
+    refit_kept: also refit the layers conversion kept as they were (nn.Linear and standard
+        convs, not shared, not parametrized) that run after a converted one, in the same order, on
+        their inputs in the converted model against the original layer's outputs: a classifier
+        head then makes up for what the pairs before it changed (see kept.py). Needs
+        sequential=True. A layer with more than 4,096 weights per output (per group), or fewer
+        than 4 samples per weight in the data, is left as it was, with the reason recorded.
     verbose: print each layer's relative output error on the data before and after; with
         tqdm installed (the `progress` extra) and stderr a terminal, also a progress bar.
     device: run on this device (converted is moved there and returned there; original is
@@ -105,7 +117,7 @@ def calibrate(
     docstring). Only rank 0 prints. All processes must pass the same models.
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
-        plan = _check_arguments(converted, original, batches, ridge, alternate, sequential)
+        plan = _check_arguments(converted, original, batches, ridge, alternate, sequential, refit_kept)
         if device is not None:
             device = parse_device(device)
             converted.to(device)
@@ -114,13 +126,16 @@ def calibrate(
             device = device_of(converted)
         source = _Batches(data, batches, device)
         layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+        kept = [_Layer(name, layer, source) for name, layer, source in kept_layers(converted, original)] if refit_kept else []
     converted_layers = ";".join(f"{d.name}>{d.module}@{d.rank}" for d in plan.converted)
     distributed.same_everywhere(distributed.fingerprint(converted, original, extra=converted_layers), "models")
     verbose = verbose and distributed.is_main()
 
-    fit = _calibrate_in_order if sequential else _calibrate_at_once
     with eval_mode(converted, original), torch.no_grad():
-        results = fit(layers, original, converted, source, ridge, alternate, verbose)
+        if sequential:
+            results, kept_results = _calibrate_in_order(layers, kept, original, converted, source, ridge, alternate, verbose)
+        else:
+            results, kept_results = _calibrate_at_once(layers, original, source, ridge, alternate, verbose), None
     # What the fits used (a full pass per calibrated layer); nothing when the data reached no layer.
     counts = torch.tensor([source.count, source.samples] if results else [0, 0], dtype=torch.float64)
     distributed.all_sum([counts])
@@ -132,34 +147,59 @@ def calibrate(
         "sequential": sequential,
         "layers": results,
     }
+    if refit_kept:
+        plan.calibration["kept"] = kept_results
     return converted
 
 
-def _calibrate_in_order(layers, original, converted, source, ridge, alternate, verbose) -> dict:
-    """Each pair on its inputs in the converted model, in the order the model runs them."""
+def _calibrate_in_order(layers, kept, original, converted, source, ridge, alternate, verbose) -> tuple[dict, dict]:
+    """Each pair (and each kept layer after one) on its inputs in the converted model, in the order the model runs them."""
+    every = layers + kept
     with distributed.together():
         first = source.first()
-        order = None if first is None else _run_order(converted, layers, first)
+        order = None if first is None else _run_order(converted, every, first)
     order = distributed.first_given(order)  # a process with an empty shard learns it from the others
     if order is None:
         raise ConvsepValueError(NO_BATCHES)
     _warn_not_reached(layers, {index for index, _ in order})
+    # A kept layer that runs before every pair sees the original's inputs: nothing to make up for.
+    order = order[next((position for position, (index, _) in enumerate(order) if index < len(layers)), len(order)) :]
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
-    results = {}
+    results, kept_results = {}, {}
     try:
         for index, calls in order:  # in the order the model runs them, so each fit sees the ones before it
-            layer = layers[index]
+            layer = every[index]
+            if layer.decision is None:
+                kept_results[layer.name] = _refit_kept(layer, calls, original, converted, source, ridge, verbose, progress)
+                continue
             stats = _LayerStats(layer.pair, patches=alternate > 0)
             _accumulate_in_converted(stats, layer, calls, original, converted, source, progress)
-            results[layer.decision.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
+            results[layer.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
     finally:
         if progress is not None:
             progress.close()
-    return results
+    return results, kept_results
 
 
-def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, verbose) -> dict:
+def _refit_kept(layer, calls, original, converted, source, ridge, verbose, progress) -> dict:
+    """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
+    unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
+    if unknowns > MAX_KEPT_UNKNOWNS:
+        return {"refitted": False, "reason": f"{unknowns} weights per output (more than {MAX_KEPT_UNKNOWNS})"}
+    stats = _LayerStats(layer.pair, patches=False, on_original_inputs=True)  # its initial error is its error before
+    _accumulate_in_converted(stats, layer, calls, original, converted, source, progress)
+    if stats.count < SAMPLES_PER_KEPT_WEIGHT * unknowns:
+        return {
+            "refitted": False,
+            "reason": f"{stats.count} samples for {unknowns} weights per output (fewer than {SAMPLES_PER_KEPT_WEIGHT} "
+            "per weight): refitting would fit the calibration data, not the layer",
+        }
+    record = _refit(layer, stats, ridge, 0, verbose, progress)
+    return {"refitted": True, "before": record["before"], "after": record["after"]}
+
+
+def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> dict:
     """Every pair on its inputs in the original model, from one forward of the original per batch."""
     layers = list({id(layer.pair): layer for layer in layers}.values())  # a shared pair: its last layer, as in order
     stats = [_LayerStats(layer.pair, patches=alternate > 0, on_original_inputs=True) for layer in layers]
@@ -167,7 +207,7 @@ def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, v
 
     def keep(index: int, x: Tensor, y: Tensor) -> None:
         calls[index] += 1
-        stats[index].add(x, y, layers[index].decision.name)
+        stats[index].add(x, y, layers[index].name)
 
     progress = progress_bar(source.count or 0, verbose, "calibrating", "batch", leave=False)
     try:
@@ -185,7 +225,7 @@ def _calibrate_at_once(layers, original, _converted, source, ridge, alternate, v
         results = {}
         for index in reached:
             stats[index].sum_over_processes()
-            results[layers[index].decision.name] = _refit(layers[index], stats[index], ridge, alternate, verbose, progress)
+            results[layers[index].name] = _refit(layers[index], stats[index], ridge, alternate, verbose, progress)
     finally:
         if progress is not None:
             progress.close()
@@ -217,7 +257,7 @@ def _every_call(sites: list[Union[nn.Module, Tensor]], keep) -> Iterator[None]:
 
 
 def _warn_not_reached(layers: list[_Layer], reached: set[int]) -> None:
-    not_run = [layer.decision.name for index, layer in enumerate(layers) if index not in reached]
+    not_run = [layer.name for index, layer in enumerate(layers) if index not in reached]
     if not_run and distributed.is_main():
         warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
 
@@ -226,18 +266,19 @@ def _accumulate_in_converted(stats, layer, calls, original, converted, source, p
     """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs."""
     with distributed.together():
         for index, inputs in enumerate(source, 1):
-            where = f"calibration batch {index} (calibrating {layer.decision.name!r})"
+            where = f"calibration batch {index} (calibrating {layer.name!r})"
             seen = _original_calls(original, layer.original, inputs, calls, where)
-            sources = _pair_inputs(converted, layer.pair, inputs, calls, where)
+            sources = _pair_inputs(converted, layer.module, inputs, calls, where)
             if len(seen) != len(sources):
                 raise ConvsepValueError(
                     f"{where}: the layer ran {len(sources)} times in the converted model and "
                     f"{len(seen)} times in the original: is `original` the model convert was given?"
                 )
             for x, (x_original, y) in zip(sources, seen):
-                stats.add(x, y, layer.decision.name)
-                # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
-                stats.initial_error += float((layer.pair(x_original) - y).square().sum(dtype=torch.float64))
+                stats.add(x, y, layer.name)
+                if stats.initial_error is not None:
+                    # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
+                    stats.initial_error += float((layer.pair(x_original) - y).square().sum(dtype=torch.float64))
             if progress is not None:
                 progress.update()
     stats.sum_over_processes()
@@ -246,26 +287,30 @@ def _accumulate_in_converted(stats, layer, calls, original, converted, source, p
 def _refit(layer, stats, ridge, alternate, verbose, progress) -> dict:
     """Refit one pair from its sums (over every process) and say how its output error changed."""
     with distributed.together():
-        before, after = _fit(layer.pair, stats, ridge, alternate, layer.decision.name)
+        before, after = _fit(layer.pair, stats, ridge, alternate, layer.name)
     # Every process solved the same sums; rank 0's answer makes them agree to the last bit.
-    distributed.broadcast_module(layer.pair)
+    distributed.broadcast_module(layer.module)
     if stats.initial_error is None:  # fitted on the original's inputs: its error before the fit is the initial one
         initial = before
     else:
         initial = _relative_error(stats.initial_error, stats.target_energy) if stats.count else float("nan")
-    predicted = layer.decision.predicted_output_error
-    message = f"calibrated {layer.decision.name}: relative output error {before:.4f} -> {after:.4f}"
-    if predicted is not None:
-        message += f" (as converted, on the original's inputs: predicted {predicted:.4f}, measured {initial:.4f})"
-    if layer.decision.predicted_refit_error is not None:
-        message += f" (predicted after the refit: {layer.decision.predicted_refit_error:.4f})"
+    decision = layer.decision
+    what = "calibrated" if decision is not None else "refitted kept layer"
+    message = f"{what} {layer.name}: relative output error {before:.4f} -> {after:.4f}"
+    if decision is not None and decision.predicted_output_error is not None:
+        message += (
+            f" (as converted, on the original's inputs: predicted {decision.predicted_output_error:.4f}, "
+            f"measured {initial:.4f})"
+        )
+    if decision is not None and decision.predicted_refit_error is not None:
+        message += f" (predicted after the refit: {decision.predicted_refit_error:.4f})"
     log.info("%s", message)
     if verbose:
         (progress.write if progress is not None else print)(message)
     return {"before": before, "after": after, "initial": initial}
 
 
-def _check_arguments(converted, original, batches, ridge, alternate, sequential):
+def _check_arguments(converted, original, batches, ridge, alternate, sequential, refit_kept):
     for name, model in (("converted", converted), ("original", original)):
         require_eager(model, name)
     if converted is original:
@@ -281,6 +326,13 @@ def _check_arguments(converted, original, batches, ridge, alternate, sequential)
         raise ConvsepValueError(f"alternate={alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)")
     if not isinstance(sequential, bool):
         raise ConvsepTypeError(f"sequential={sequential!r} must be True or False")
+    if not isinstance(refit_kept, bool):
+        raise ConvsepTypeError(f"refit_kept={refit_kept!r} must be True or False")
+    if refit_kept and not sequential:
+        raise ConvsepValueError(
+            "refit_kept=True needs sequential=True: fitted at once, every layer sees the original model's inputs, "
+            "which the kept layers already fit"
+        )
     return plan
 
 
@@ -328,11 +380,16 @@ def _samples(inputs: Any) -> int:
 
 @dataclass
 class _Layer:
-    decision: LayerDecision
-    pair: _SeparableConvNd  # in the converted model
+    name: str
+    pair: Union[_SeparableConvNd, KeptLayer]  # in the converted model: what the least squares refits
     # What identifies the layer's calls in the original model: the conv module (whose weight may be
     # computed anew on every call, by weight norm), or a functional conv's weight parameter.
     original: Union[nn.Module, Tensor]
+    decision: Optional[LayerDecision] = None  # None for a kept layer
+
+    @property
+    def module(self) -> nn.Module:
+        return self.pair.module if isinstance(self.pair, KeptLayer) else self.pair
 
     @classmethod
     def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> "_Layer":
@@ -356,7 +413,7 @@ class _Layer:
             raise ConvsepValueError(
                 f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
             )
-        return cls(decision, pair, site)
+        return cls(decision.name, pair, site, decision)
 
 
 class _StopForward(Exception):
@@ -381,8 +438,8 @@ def _run_order(converted: nn.Module, layers: list[_Layer], inputs: Any) -> list[
     def record(module, _args):
         calls[id(module)] = calls.get(id(module), 0) + 1
 
-    index_of = {id(layer.pair): index for index, layer in enumerate(layers)}  # a shared pair: its last layer
-    handles = [layers[index].pair.register_forward_pre_hook(record) for index in index_of.values()]
+    index_of = {id(layer.module): index for index, layer in enumerate(layers)}  # a shared pair: its last layer
+    handles = [layers[index].module.register_forward_pre_hook(record) for index in index_of.values()]
     try:
         _forward(converted, inputs, "calibration batch 1", "converted model")
     finally:
@@ -463,8 +520,9 @@ class _LayerStats:
         return patches(x, self.pair.depthwise) if self.patches else self.pair.depthwise(x)
 
     def add(self, x: Tensor, y: Tensor, name: str) -> None:
-        dims = self.pair.depthwise.weight.dim() - 2
-        if x.dim() == dims + 1:  # an unbatched call
+        if isinstance(self.pair, KeptLayer):
+            x, y = self.pair.arrange(x, y)
+        elif x.dim() == self.pair.depthwise.weight.dim() - 1:  # an unbatched call
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         per_sample = x[:1].numel() * (self.kernel if self.patches else self.pair.rank)
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
@@ -565,7 +623,7 @@ def _relative_error(squared_error: float, energy: float) -> float:
 
 def _refit_pointwise(pair: _SeparableConvNd, stats: _LayerStats, ridge: float) -> tuple[float, float]:
     a, b, current = _pointwise_system(pair, stats)
-    width = pair.pointwise.weight.shape[1]
+    width = pair.pointwise.weight[0].numel()  # inputs per output: the pair's depthwise outputs, or a kept layer's features
     theta = _ridge_solve(a, b, current, ridge, width)
     with torch.no_grad():
         weight = pair.pointwise.weight

@@ -67,8 +67,11 @@ def _convert(args: argparse.Namespace) -> int:
             raise ConvsepValueError("--calibration-batches needs --calibrate-with DATA: the batches to calibrate on")
         if args.calibration_alternate < 0:
             raise ConvsepValueError(f"--calibration-alternate {args.calibration_alternate} must be 0 or more rounds")
-        if args.calibration_alternate and (not args.calibrate_with or not args.refit):
-            raise ConvsepValueError("--calibration-alternate needs --calibrate-with DATA and no --no-refit: it shapes the refit")
+        for option, value in (("--calibration-alternate", args.calibration_alternate), ("--refit-kept", args.refit_kept)):
+            if value and (not args.calibrate_with or not args.refit):
+                raise ConvsepValueError(f"{option} needs --calibrate-with DATA and no --no-refit: it shapes the refit")
+        if args.refit_kept and not args.calibration_sequential:
+            raise ConvsepValueError("--refit-kept and --calibrate-at-once cannot be combined: at once, kept layers see the original's inputs")
         if args.calibrate_with:
             image_shape = {"channels": shape[1], "size": tuple(shape[2:4])} if shape and not several(shape) and len(shape) == 4 else {}
             # --calibration-batches counts batches in all: the first N are shared out among the processes.
@@ -88,6 +91,7 @@ def _convert(args: argparse.Namespace) -> int:
             calibration_batches=None,  # applied above, over all processes
             calibration_sequential=args.calibration_sequential,
             calibration_alternate=args.calibration_alternate,
+            calibration_refit_kept=args.refit_kept,
             parametrized=args.parametrized,
             allocate_by=args.allocate_by,
             refit=args.refit,
@@ -255,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-alternate", type=int, default=0, metavar="N",
         help="after refitting the pointwise weights, N rounds of refitting the depthwise filters, then the pointwise "
         "again (default 0; 2 recovers more accuracy at aggressive budgets, at a higher cost on wide, long kernels)",
+    )  # fmt: skip
+    convert_parser.add_argument(
+        "--refit-kept", action="store_true",
+        help="also refit the linear layers and convs left as they were that run after a converted one (a classifier "
+        "head), on their inputs in the converted model",
     )  # fmt: skip
     convert_parser.add_argument(
         "--init", choices=("auto", "svd", "activation", "random"), default="auto",

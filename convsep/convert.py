@@ -115,6 +115,7 @@ def convert(
     calibration_batches: Optional[int] = None,
     calibration_sequential: bool = True,
     calibration_alternate: int = 0,
+    calibration_refit_kept: bool = False,
     parametrized: str = "fold",
     allocate_by: str = "auto",
     refit: bool = True,
@@ -159,6 +160,9 @@ def convert(
     calibration_alternate: calibrate's `alternate`: rounds of refitting the depthwise filters and
         then the pointwise weights again after the pointwise refit (default 0; 2 is worth it at
         aggressive budgets, see README; it costs more on layers with many channels and long kernels).
+    calibration_refit_kept: calibrate's `refit_kept`: also refit the linear layers and convs left as
+        they were that run after a converted one (a classifier head), on their inputs in the
+        converted model (default False).
     parametrized: "fold" (default) converts convs whose weight is computed (weight_norm,
         spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
@@ -198,9 +202,15 @@ def convert(
         raise ConvsepValueError(
             f"calibration_alternate={calibration_alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)"
         )
-    if calibration_alternate and (calibration_data is None or not refit):
+    if not isinstance(calibration_refit_kept, bool):
+        raise ConvsepTypeError(f"calibration_refit_kept={calibration_refit_kept!r} must be True or False")
+    for name, value in (("calibration_alternate", calibration_alternate), ("calibration_refit_kept", calibration_refit_kept)):
+        if value and (calibration_data is None or not refit):
+            raise ConvsepValueError(f"{name}={value} needs calibration_data and refit=True: it shapes the refit")
+    if calibration_refit_kept and not calibration_sequential:
         raise ConvsepValueError(
-            f"calibration_alternate={calibration_alternate} needs calibration_data and refit=True: it shapes the refit"
+            "calibration_refit_kept=True needs calibration_sequential=True: fitted at once, every layer sees the "
+            "original model's inputs, which the kept layers already fit"
         )
     if objective not in OBJECTIVES:
         raise ConvsepValueError(f"objective={objective!r} is not known: use one of {', '.join(map(repr, OBJECTIVES))}")
@@ -257,7 +267,7 @@ def convert(
     if calibration_data is not None and refit:
         work = calibrate(
             work, original, calibration_data, batches=calibration_batches, sequential=calibration_sequential,
-            alternate=calibration_alternate, verbose=verbose,
+            alternate=calibration_alternate, refit_kept=calibration_refit_kept, verbose=verbose,
         )  # fmt: skip
     if verbose:
         shown = report(original, work, example_inputs) if wants_report else plan.summary()

@@ -65,6 +65,15 @@ def calibrate_unequal_shards(folder: str) -> None:
     save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
 
 
+def calibrate_kept_unequal_shards(folder: str) -> None:
+    """As calibrate_unequal_shards, with the middle conv kept and refitted (the head has too few samples)."""
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    converted = convsep.convert(model, rank=1, exclude=["2"])
+    convsep.calibrate(converted, model, shard(data), alternate=1, refit_kept=True)
+    save(folder, {"state": converted.state_dict(), "calibration": converted.convsep_plan.calibration})
+
+
 def calibrate_at_once_unequal_shards(folder: str) -> None:
     """As calibrate_unequal_shards, every pair fitted at once on the original's inputs."""
     model = net()

@@ -552,6 +552,14 @@ def test_convert_calibrate_at_once_reaches_calibrate(work, capsys):
     assert (calibration["sequential"], calibration["batches"], calibration["samples"]) == (False, 3, 12)
 
 
+def test_convert_refit_kept_reaches_calibrate(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--refit-kept"), capsys)
+    assert code == 0, err
+    kept = convsep.load(work / "out.pt").plan.calibration["kept"]
+    assert set(kept) == {"8"} and kept["8"]["refitted"] is False  # 12 images for the 9 weights of each output
+
+
 def test_convert_calibration_alternate_reaches_calibrate(work, capsys):
     (work / "calib.py").write_text(CALIBRATION_DATA)
     code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--calibration-alternate", "2"), capsys)
@@ -565,6 +573,8 @@ def test_convert_calibration_alternate_reaches_calibrate(work, capsys):
         (["--calibration-alternate", "2"], "--calibration-alternate needs --calibrate-with DATA and no --no-refit"),
         (["--calibration-alternate", "2", "--calibrate-with", "CALIB", "--no-refit"], "--calibration-alternate needs"),
         (["--calibration-alternate", "-1", "--calibrate-with", "CALIB"], "--calibration-alternate -1 must be 0 or more"),
+        (["--refit-kept"], "--refit-kept needs --calibrate-with DATA and no --no-refit"),
+        (["--refit-kept", "--calibrate-with", "CALIB", "--calibrate-at-once"], "--refit-kept and --calibrate-at-once cannot"),
     ],
 )
 def test_convert_calibration_alternate_without_a_refit_is_refused(extra, message, work, capsys):

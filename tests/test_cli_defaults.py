@@ -8,7 +8,7 @@ import convsep
 from convsep.cli import build_parser
 
 # CLI option (argparse dest) -> keyword of the Python function it is passed to, where the names differ.
-CONVERT_KEYWORDS = {"calibrate_with": "calibration_data"}
+CONVERT_KEYWORDS = {"calibrate_with": "calibration_data", "refit_kept": "calibration_refit_kept"}
 
 
 def parsed_defaults(*argv):
@@ -30,6 +30,7 @@ def keyword_defaults(function):
             ["convert", "in.pt", "-o", "out.pt"],
             convsep.convert,
             ["rank", "budget", "budget_on", "objective", "calibrate_with", "calibration_batches", "calibration_sequential", "calibration_alternate",
+             "refit_kept",
              "init",
              "allocate_by", "refit", "parametrized", "include", "exclude"],
         ),

@@ -53,6 +53,22 @@ def test_sharded_calibration_equals_one_process_on_all_batches(tmp_path):
         assert calibration["layers"][name] == pytest.approx(errors, rel=1e-6)
 
 
+def test_sharded_refit_of_kept_layers_equals_one_process_on_all_batches(tmp_path):
+    succeeded(run_ranks("calibrate_kept_unequal_shards", tmp_path))
+    results = _results(tmp_path)
+    _assert_bitwise_same([r["state"] for r in results])
+
+    model = net()
+    data = [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
+    alone = convsep.calibrate(convsep.convert(model, rank=1, exclude=["2"]), model, data, alternate=1, refit_kept=True)
+    _assert_close(results[0]["state"], alone.state_dict(), 1e-4)
+    kept = results[0]["calibration"]["kept"]
+    assert kept["2"]["refitted"] is True and kept["2"] == pytest.approx(alone.convsep_plan.calibration["kept"]["2"], rel=1e-6)
+    assert kept["6"] == alone.convsep_plan.calibration["kept"]["6"]  # too few samples, counted over both processes
+    assert kept["6"]["refitted"] is False
+    assert not torch.equal(results[0]["state"]["2.weight"], model.state_dict()["2.weight"])
+
+
 def test_sharded_calibration_at_once_equals_one_process_on_all_batches(tmp_path):
     succeeded(run_ranks("calibrate_at_once_unequal_shards", tmp_path))
     results = _results(tmp_path)
