@@ -181,6 +181,14 @@ ALLOCATIONS = {  # row label: convert's allocate_by, and whether convert's own c
 }
 
 
+# Columns after "calibrated" (calibrate's defaults): its accuracy levers, alone and together.
+CALIBRATION_LEVERS = {
+    "kept layers refitted": dict(refit_kept=True),
+    "alternate=8": dict(alternate=8),
+    "alternate=8, kept layers refitted": dict(alternate=8, refit_kept=True),
+}
+
+
 def activation_aware(model, calibration, test_x, test_y, example, budgets) -> tuple[list[list], dict[str, list]]:
     """Weight-based vs activation-aware allocation and factorisation, each before and after calibration.
 
@@ -210,11 +218,15 @@ def activation_aware(model, calibration, test_x, test_y, example, budgets) -> tu
                         layers = calibrated.convsep_plan.calibration["layers"]
                         pairs["converted"] += [(d.predicted_output_error, layers[d.name]["initial"]) for d in plan.converted]
                 ranks = " ".join(str(d.rank) if d.converted else "keep" for d in plan.layers)
+                levers = [  # calibrate's options, each on the same conversion
+                    convsep.calibrate(copy.deepcopy(converted), model, calibration, **options) for options in CALIBRATION_LEVERS.values()
+                ]  # fmt: skip
                 rows.append([
                     f"{budget:g}", label, init, ranks, f"{plan.budget['reached']:.1%}",
                     f"{accuracy(converted, test_x, test_y):.2%}", f"{accuracy(calibrated, test_x, test_y):.2%}",
+                    *(f"{accuracy(lever, test_x, test_y):.2%}" for lever in levers),
                 ])  # fmt: skip
-                print(f"activation-aware: budget {budget:g}, {label}, {init}: {rows[-1][-4:]}", file=sys.stderr)
+                print(f"activation-aware: budget {budget:g}, {label}, {init}: {rows[-1][-6:]}", file=sys.stderr)
     return rows, pairs
 
 
@@ -267,7 +279,8 @@ def main(argv=None) -> int:
         return 0
     if args.activation_aware_only:
         rows, pairs = activation_aware(model, calibration, test_x, test_y, example, (0.15, 0.25, 0.5))
-        headers = ["budget (MACs)", "allocated by", "init", "ranks (per conv)", "MACs kept", "converted", "calibrated"]
+        headers = ["budget (MACs)", "allocated by", "init", "ranks (per conv)", "MACs kept", "converted", "calibrated",
+                   *(f"calibrated, {lever}" for lever in CALIBRATION_LEVERS)]  # fmt: skip
         text = (
             f"# Weight-based vs activation-aware conversion on Fashion-MNIST (small_cnn)\n\n"
             f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
