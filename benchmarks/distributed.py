@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     distributed.all_sum = _timed(distributed.all_sum, parts, "sum statistics")
     distributed.broadcast_module = _timed(distributed.broadcast_module, parts, "broadcast solution")
     calibrate_module = importlib.import_module("convsep.calibrate")  # the module: convsep.calibrate is the function
-    calibrate_module._fit = _timed(calibrate_module._fit, parts, "solve")
+    calibrate_module.fit = _timed(calibrate_module.fit, parts, "solve")  # the name calibrate calls
 
     converted = convsep.convert(model, rank=2)
     _barrier()

@@ -6,7 +6,7 @@ for part of the difference (a classifier head re-fitted on the converted model's
 after converted ones). Seen from calibration, such a layer is the pointwise half of a pair whose
 "depthwise outputs" are its own inputs: a linear layer's features, a conv's patches (each input
 channel's receptive field, channel-major then tap, the order of the conv's weight), so the same
-least squares refits it (calibrate.py).
+least squares refits it (least_squares.py).
 
 Only layers whose weight is a plain parameter that no other layer shares are refitted: a computed
 weight (weight norm, any parametrization) or a tied one is not calibration's to overwrite.

@@ -1,6 +1,6 @@
 """The output error a pair keeps after calibration refits its pointwise weights, predicted in closed form.
 
-Calibration (calibrate.py) keeps each pair's depthwise filters and solves for the pointwise
+Calibration (calibrate.py, least_squares.py) keeps each pair's depthwise filters and solves for the pointwise
 weights that best reproduce the original layer's outputs. What that least squares leaves is
 fixed by the inputs' covariance, not by the weights alone: with x the patches of all input
 channels of a group (the conv computes y = W x), Sigma = E[x x^T], and D_r the block-diagonal

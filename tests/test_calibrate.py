@@ -120,10 +120,11 @@ def test_depthwise_refit_is_the_least_squares_solution_given_the_pointwise_weigh
         jacobian = torch.stack([output_of(unit).reshape(-1) - offset for unit in basis], dim=1)
     expected = torch.linalg.lstsq(jacobian.double(), (target.reshape(-1) - offset).double().unsqueeze(1)).solution
 
-    from convsep.calibrate import _LayerStats, _pair_inputs, _refit_depthwise
+    from convsep.calibrate import _pair_inputs
+    from convsep.least_squares import LayerStats, _refit_depthwise
     from convsep.probe import eval_mode
 
-    stats = _LayerStats(pair, patches=True)
+    stats = LayerStats(pair, patches=True)
     with eval_mode(converted), torch.no_grad():
         stats.add(_pair_inputs(converted, pair, x, 1, "test batch")[0], target, "0")
     _refit_depthwise(pair, stats, ridge=0.0)

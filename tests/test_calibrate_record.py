@@ -13,6 +13,7 @@ from torch import nn
 from zoo import Branch
 
 import convsep
+from convsep import least_squares
 
 calibrate_module = sys.modules["convsep.calibrate"]  # `convsep.calibrate` is the function
 
@@ -264,7 +265,7 @@ def test_data_that_reaches_no_layer_records_that_nothing_was_used():
 def test_the_depthwise_size_warning_names_the_layer_and_its_size(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)).eval()  # unknowns per group: 3x1x9 = 27, 4x1x9 = 36
-    monkeypatch.setattr(calibrate_module, "MAX_DEPTHWISE_UNKNOWNS", 27)
+    monkeypatch.setattr(least_squares, "MAX_DEPTHWISE_UNKNOWNS", 27)
     with pytest.warns(UserWarning) as record:
         convsep.calibrate(convsep.convert(model, rank=1), model, [torch.randn(2, 3, 8, 8)], alternate=1)
     assert [str(w.message) for w in record] == [
@@ -280,12 +281,12 @@ def test_depthwise_filters_at_the_size_limit_are_refitted():
     init = converted[0].depthwise.weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        original_limit = calibrate_module.MAX_DEPTHWISE_UNKNOWNS
+        original_limit = least_squares.MAX_DEPTHWISE_UNKNOWNS
         try:
-            calibrate_module.MAX_DEPTHWISE_UNKNOWNS = 27  # exactly this layer's 3 x 1 x 9
+            least_squares.MAX_DEPTHWISE_UNKNOWNS = 27  # exactly this layer's 3 x 1 x 9
             convsep.calibrate(converted, model, [torch.randn(4, 3, 8, 8)], alternate=1)
         finally:
-            calibrate_module.MAX_DEPTHWISE_UNKNOWNS = original_limit
+            least_squares.MAX_DEPTHWISE_UNKNOWNS = original_limit
     assert not torch.equal(converted[0].depthwise.weight, init)
 
 
@@ -294,7 +295,7 @@ def test_over_the_size_limit_only_the_pointwise_weights_move(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
     converted = convsep.convert(model, rank=1)
     init = converted[0].depthwise.weight.detach().clone()
-    monkeypatch.setattr(calibrate_module, "MAX_DEPTHWISE_UNKNOWNS", 26)
+    monkeypatch.setattr(least_squares, "MAX_DEPTHWISE_UNKNOWNS", 26)
     with pytest.warns(UserWarning, match="27 unknowns per group"):
         convsep.calibrate(converted, model, [torch.randn(4, 3, 8, 8)], alternate=1)
     assert torch.equal(converted[0].depthwise.weight, init)
