@@ -39,13 +39,10 @@ class KeptLayer:
         self.in_channels = module.in_features if self.is_linear else module.in_channels
         self.out_channels = module.out_features if self.is_linear else module.out_channels
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.module(x)
-
     def arrange(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(input, output) of one call as (batch, channels, *positions): a linear layer's rows become the batch."""
         if self.is_linear:
-            return x.reshape(-1, x.shape[-1], 1), y.reshape(-1, y.shape[-1], 1)
+            return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         if x.dim() == self.module.weight.dim() - 1:  # an unbatched call
             return x.unsqueeze(0), y.unsqueeze(0)
         return x, y
@@ -65,9 +62,8 @@ def kept_layers(converted: nn.Module, original: nn.Module) -> Iterator[tuple[str
             source = original.get_submodule(name)  # not there for a pair's own convs
         except AttributeError:
             continue
-        # A parametrized layer (weight_norm, ...) has another class; the old weight_norm recomputes the weight in a
-        # pre-hook, from parameters of other names: the weight is computed, not calibration's to overwrite.
-        own = list(module.parameters(recurse=False))
-        if module._forward_pre_hooks or not isinstance(module.weight, nn.Parameter) or any(uses[id(p)] > 1 for p in own):
+        # A parametrized layer (weight_norm, ...) has another class; the old weight_norm recomputes the weight
+        # before each call from parameters of other names: the weight is computed, not calibration's to overwrite.
+        if not isinstance(module.weight, nn.Parameter) or any(uses[id(p)] > 1 for p in module.parameters(recurse=False)):
             continue  # or tied to another layer's
         yield name, KeptLayer(module), source

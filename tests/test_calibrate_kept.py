@@ -114,7 +114,7 @@ def test_a_kept_layer_that_runs_before_every_pair_is_left_alone():
 
 
 class TiedHead(nn.Module):
-    """A conv, then two linear layers sharing one weight (tied), then weight-normed ones (new and old style)."""
+    """A conv, two linear layers sharing one weight (tied), weight-normed ones (new and old style), a plain one."""
 
     def __init__(self):
         super().__init__()
@@ -125,17 +125,19 @@ class TiedHead(nn.Module):
         self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
         with pytest.warns(FutureWarning):
             self.old_style = nn.utils.weight_norm(nn.Linear(4, 2))
+        self.last = nn.Linear(2, 2)
 
     def forward(self, x):
         pooled = self.conv(x).mean(dim=(2, 3))
-        return self.old_style(self.normed(self.second(torch.relu(self.first(pooled)))))
+        return self.last(self.old_style(self.normed(self.second(torch.relu(self.first(pooled))))))
 
 
 def test_tied_and_parametrized_layers_are_not_refitted():
     model = TiedHead().eval()
     before = copy.deepcopy(model.state_dict())
     calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, images(8, 16), refit_kept=True)
-    assert calibrated.convsep_plan.calibration["kept"] == {}
+    assert set(calibrated.convsep_plan.calibration["kept"]) == {"last"}  # the only plain one
+    assert calibrated.convsep_plan.calibration["kept"]["last"]["refitted"] is True
     names = ("first.weight", "first.bias", "second.bias", "normed.parametrizations.weight.original0", "old_style.weight_v")
     for name in names:
         assert torch.equal(calibrated.state_dict()[name], before[name]), name
