@@ -64,6 +64,8 @@ def kept_layers(converted: nn.Module, original: nn.Module) -> Iterator[tuple[str
             continue
         # A parametrized layer (weight_norm, ...) has another class; the old weight_norm recomputes the weight
         # before each call from parameters of other names: the weight is computed, not calibration's to overwrite.
-        if not isinstance(module.weight, nn.Parameter) or any(uses[id(p)] > 1 for p in module.parameters(recurse=False)):
+        if not isinstance(module.weight, nn.Parameter) or any(
+            uses[id(p)] > 1 for p in module.parameters(recurse=False)
+        ):
             continue  # or tied to another layer's
         yield name, KeptLayer(module), source

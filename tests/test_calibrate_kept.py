@@ -53,15 +53,21 @@ def test_a_kept_conv_after_a_pair_is_the_least_squares_fit_on_its_patches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, groups=2)).eval()
     data = images()
-    calibrated = convsep.calibrate(convsep.convert(model, rank=1, exclude=["2"]), model, data, ridge=0.0, refit_kept=True)
+    calibrated = convsep.calibrate(
+        convsep.convert(model, rank=1, exclude=["2"]), model, data, ridge=0.0, refit_kept=True
+    )
     with torch.no_grad():
         inputs = [calibrated[:2](x) for x in data]
         targets = torch.cat([model(x).movedim(1, -1).flatten(0, -2) for x in data])  # (positions, 4)
     for group in range(2):  # each group: its 3 input channels' patches -> its 2 outputs
-        patches = torch.cat([F.unfold(x[:, 3 * group : 3 * group + 3], 3, stride=2).movedim(1, -1).flatten(0, -2) for x in inputs])
+        patches = torch.cat(
+            [F.unfold(x[:, 3 * group : 3 * group + 3], 3, stride=2).movedim(1, -1).flatten(0, -2) for x in inputs]
+        )
         weight, bias = least_squares(patches, targets[:, 2 * group : 2 * group + 2])
         kept = calibrated[2]
-        torch.testing.assert_close(kept.weight[2 * group : 2 * group + 2].flatten(1).double(), weight, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            kept.weight[2 * group : 2 * group + 2].flatten(1).double(), weight, atol=1e-4, rtol=1e-4
+        )
         torch.testing.assert_close(kept.bias[2 * group : 2 * group + 2].double(), bias, atol=1e-4, rtol=1e-4)
 
 
@@ -105,7 +111,9 @@ def test_without_refit_kept_nothing_but_the_pairs_changes():
 
 def test_a_kept_layer_that_runs_before_every_pair_is_left_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(), nn.Linear(384, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(), nn.Linear(384, 2)
+    )
     model.eval()
     converted = convsep.convert(model, rank=1, exclude=["0"])
     calibrated = convsep.calibrate(converted, model, images(4, 32), refit_kept=True)
@@ -138,7 +146,13 @@ def test_tied_and_parametrized_layers_are_not_refitted():
     calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, images(8, 16), refit_kept=True)
     assert set(calibrated.convsep_plan.calibration["kept"]) == {"last"}  # the only plain one
     assert calibrated.convsep_plan.calibration["kept"]["last"]["refitted"] is True
-    names = ("first.weight", "first.bias", "second.bias", "normed.parametrizations.weight.original0", "old_style.weight_v")
+    names = (
+        "first.weight",
+        "first.bias",
+        "second.bias",
+        "normed.parametrizations.weight.original0",
+        "old_style.weight_v",
+    )
     for name in names:
         assert torch.equal(calibrated.state_dict()[name], before[name]), name
 
@@ -170,7 +184,10 @@ def test_too_many_weights_per_output_leave_the_layer_as_it_was_with_the_reason(m
     monkeypatch.setattr(calibrate_module, "MAX_KEPT_UNKNOWNS", 24)
     model = head_after_conv()
     calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, images(), refit_kept=True)
-    assert calibrated.convsep_plan.calibration["kept"]["4"] == {"refitted": False, "reason": "25 weights per output (more than 24)"}
+    assert calibrated.convsep_plan.calibration["kept"]["4"] == {
+        "refitted": False,
+        "reason": "25 weights per output (more than 24)",
+    }
     assert torch.equal(calibrated[4].weight, model[4].weight)
 
 
@@ -204,7 +221,10 @@ def test_convert_refits_the_kept_layers_when_asked():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (dict(calibration_data=None), "calibration_refit_kept=True needs calibration_data and refit=True: it shapes the refit"),
+        (
+            dict(calibration_data=None),
+            "calibration_refit_kept=True needs calibration_data and refit=True: it shapes the refit",
+        ),
         (dict(refit=False), "calibration_refit_kept=True needs calibration_data and refit=True: it shapes the refit"),
         (dict(calibration_sequential=False), "calibration_refit_kept=True needs calibration_sequential=True"),
     ],
