@@ -3,7 +3,7 @@
     python benchmarks/calibration_cost.py            # README figures (a few minutes on 2 cores)
     python benchmarks/calibration_cost.py --quick
     python benchmarks/calibration_cost.py --models resnet18 --calibrate-only   # calibrate in order and at once only
-    python benchmarks/calibration_cost.py --models resnet18 --size 224 --images 64 --alternates   # statistics only, real images
+    python benchmarks/calibration_cost.py --models resnet18 --size 224 --images 64 --alternates  # statistics only
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
@@ -37,6 +37,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import convsep  # noqa: E402
 from common import machine_line, median_seconds, save_json  # noqa: E402
 from convsep.activations import input_moments  # noqa: E402
+from convsep.count import kernel_elements, largest_saving_rank  # noqa: E402
 from convsep.factorize import channel_svd  # noqa: E402
 from convsep.refit_error import refit_errors  # noqa: E402
 from convsep.models import resnet18, small_cnn  # noqa: E402
@@ -64,7 +65,8 @@ def workloads(quick: bool, models=MODELS, size=None, images=None):
 
     def batches(name, *shape):
         count = 2 if quick else 8
-        sizes = [BATCH[name]] * count if images is None else [min(BATCH[name], images - s) for s in range(0, images, BATCH[name])]
+        step = BATCH[name]
+        sizes = [step] * count if images is None else [min(step, images - s) for s in range(0, images, step)]
         return [torch.randn(n, *shape) for n in sizes]
 
     built = {
@@ -84,12 +86,13 @@ def forward_all(model, data):
 
 def refit_prediction(model, convs, data):
     """What a budget with calibration data adds to conversion: the cross-channel moments, then each layer's
-    predicted error after the refit at every rank."""
+    predicted error after the refit at every rank that saves MACs (what convert predicts)."""
     moments = input_moments(model, convs, data, None, cross_channel=True)
     for name, conv in convs.items():
         basis = channel_svd(conv.weight, conv.groups).Vh
-        m = moments[name]
-        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), basis.shape[1], 1e-3)
+        m, k = moments[name], kernel_elements(conv.kernel_size)
+        ranks = min(basis.shape[1], max(1, largest_saving_rank(conv.out_channels, conv.in_channels, k, conv.groups)))
+        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), ranks, 1e-3)
 
 
 def main(argv=None) -> int:
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
         convs = {d.name: model.get_submodule(d.name) for d in converted.convsep_plan.converted}
         unit = median_seconds(lambda: (forward_all(model, data), forward_all(converted, data)), args.repeats)
         original_only = median_seconds(lambda: forward_all(model, data), args.repeats)
-        row = {"model": name, "batches": len(data), "inputs": sum(len(x) for x in data), "input_shape": list(data[0].shape[1:]),
+        row = {"model": name, "batches": len(data), "inputs": sum(map(len, data)),
+               "input_shape": list(data[0].shape[1:]),
                "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3)}
         if not args.calibrate_only:
             statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
