@@ -54,12 +54,14 @@ def patches(x: Tensor, conv: _ConvNd, every: int = 1, phase: int = 0) -> Tensor:
     if every > 1 and phase:
         phase %= _last_output_length(x, conv)
     if len(conv.kernel_size) == 2 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        # im2col: the same patches in the same (channel, tap) order, faster than the one-hot conv
-        padding = conv.padding
-        if phase:  # start at output column `phase`: pad first, then drop the input columns before it
-            (top, side), padding = conv.padding, 0
-            x = F.pad(x, (side, side, top, top))[..., phase * conv.stride[-1] :]
-        return F.unfold(x, conv.kernel_size, conv.dilation, padding, (conv.stride[0], conv.stride[1] * every))
+        # im2col's patches in its (channel, tap) order, but as a view of the padded input and one copy: several
+        # times faster than F.unfold (and than the one-hot conv) on 2 cores. From output column `phase` on: the
+        # input columns before it are dropped after padding.
+        (top, side), (kh, kw), (dh, dw) = conv.padding, conv.kernel_size, conv.dilation
+        padded = (F.pad(x, (side, side, top, top)) if top or side else x)[..., phase * conv.stride[-1] :]
+        rows = padded.unfold(2, (kh - 1) * dh + 1, conv.stride[0])
+        windows = rows.unfold(3, (kw - 1) * dw + 1, conv.stride[1] * every)[..., ::dh, ::dw]  # (N, M, oh, ow, kh, kw)
+        return windows.permute(0, 1, 4, 5, 2, 3).reshape(x.shape[0], channels * kernel, -1)
     if len(conv.kernel_size) == 1 and not isinstance(conv.padding, str):
         # 1-d: sliding windows are a view of the padded input; one copy puts taps before positions
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
