@@ -3,6 +3,7 @@
     python benchmarks/calibration_cost.py            # README figures (a few minutes on 2 cores)
     python benchmarks/calibration_cost.py --quick
     python benchmarks/calibration_cost.py --models resnet18 --calibrate-only   # calibrate in order and at once only
+    python benchmarks/calibration_cost.py --models resnet18 --size 224 --images 64 --alternates  # statistics only
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
@@ -11,7 +12,11 @@ after the refit at every rank), and calibrate with alternate=0 and alternate=1, 
 the other (the default) and all at once (sequential=False). Median of
 `--repeats` runs, one process. Models: small_cnn on 28x28 images; resnet18 on 64x64 images; a
 1-d audio stack whose middle conv has 1,024 channels and 64-tap kernels in 16 groups (wav2vec2's
-positional conv is 768 channels, 128 taps, 16 groups). Writes benchmarks/results/calibration_cost.json.
+positional conv is 768 channels, 128 taps, 16 groups). `--size` and `--images` change the images
+(side, and how many in the models' usual batches: 128, 16, 4) to see the fixed costs (moments held
+per layer, one factorisation per layer) amortise; `--threads` pins torch's threads (on a shared
+machine one thread is the steadier unit). Writes benchmarks/results/calibration_cost.json, or a name
+that says what differs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import convsep  # noqa: E402
 from common import machine_line, median_seconds, save_json  # noqa: E402
 from convsep.activations import input_moments  # noqa: E402
+from convsep.count import kernel_elements, largest_saving_rank  # noqa: E402
 from convsep.factorize import channel_svd  # noqa: E402
 from convsep.refit_error import refit_errors  # noqa: E402
 from convsep.models import resnet18, small_cnn  # noqa: E402
@@ -49,13 +55,24 @@ def audio_stack() -> nn.Module:
 MODELS = ("small_cnn", "resnet18", "audio_1024x64")
 
 
-def workloads(quick: bool, models=MODELS):
+BATCH = {"small_cnn": 128, "resnet18": 16, "audio_1024x64": 4}
+
+
+def workloads(quick: bool, models=MODELS, size=None, images=None):
+    """(name, model, batches): 8 batches (2 with `quick`), or `images` inputs in batches of the model's usual size;
+    `size` replaces the image side (28 for small_cnn, 64 for resnet18)."""
     torch.manual_seed(0)
-    count = 2 if quick else 8
+
+    def batches(name, *shape):
+        count = 2 if quick else 8
+        step = BATCH[name]
+        sizes = [step] * count if images is None else [min(step, images - s) for s in range(0, images, step)]
+        return [torch.randn(n, *shape) for n in sizes]
+
     built = {
-        "small_cnn": lambda: (small_cnn().eval(), [torch.randn(128, 1, 28, 28) for _ in range(count)]),
-        "resnet18": lambda: (resnet18(num_classes=10).eval(), [torch.randn(16, 3, 64, 64) for _ in range(count)]),
-        "audio_1024x64": lambda: (audio_stack().eval(), [torch.randn(4, 80, 200) for _ in range(count)]),
+        "small_cnn": lambda: (small_cnn().eval(), batches("small_cnn", 1, size or 28, size or 28)),
+        "resnet18": lambda: (resnet18(num_classes=10).eval(), batches("resnet18", 3, size or 64, size or 64)),
+        "audio_1024x64": lambda: (audio_stack().eval(), batches("audio_1024x64", 80, 200)),
     }
     for name in models:
         yield (name, *built[name]())
@@ -69,12 +86,13 @@ def forward_all(model, data):
 
 def refit_prediction(model, convs, data):
     """What a budget with calibration data adds to conversion: the cross-channel moments, then each layer's
-    predicted error after the refit at every rank."""
+    predicted error after the refit at every rank that saves MACs (what convert predicts)."""
     moments = input_moments(model, convs, data, None, cross_channel=True)
     for name, conv in convs.items():
         basis = channel_svd(conv.weight, conv.groups).Vh
-        m = moments[name]
-        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), basis.shape[1], 1e-3)
+        m, k = moments[name], kernel_elements(conv.kernel_size)
+        ranks = min(basis.shape[1], max(1, largest_saving_rank(conv.out_channels, conv.in_channels, k, conv.groups)))
+        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), ranks, 1e-3)
 
 
 def main(argv=None) -> int:
@@ -84,16 +102,25 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--calibrate-only", action="store_true", help="skip the statistics passes of convert")
-    parser.add_argument("--alternates", nargs="+", type=int, default=[0, 1], help="calibrate's alternate= values to time")
+    parser.add_argument("--alternates", nargs="*", type=int, default=[0, 1],
+                        help="calibrate's alternate= values to time (none: the statistics passes only)")
+    parser.add_argument("--size", type=int, help="image side for small_cnn and resnet18 (default 28 and 64)")
+    parser.add_argument("--images", type=int, help="inputs per model, in its usual batches (default 8 batches)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tag", help="a word added to the results' file name (e.g. before a change)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine_line())
     rows = []
-    for name, model, data in workloads(args.quick, args.models):
+    for name, model, data in workloads(args.quick, args.models, args.size, args.images):
         converted = convsep.convert(model, rank=args.rank, init="svd")
         convs = {d.name: model.get_submodule(d.name) for d in converted.convsep_plan.converted}
         unit = median_seconds(lambda: (forward_all(model, data), forward_all(converted, data)), args.repeats)
         original_only = median_seconds(lambda: forward_all(model, data), args.repeats)
-        row = {"model": name, "batches": len(data), "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3)}
+        row = {"model": name, "batches": len(data), "inputs": sum(map(len, data)),
+               "input_shape": list(data[0].shape[1:]),
+               "both_forwards_s": round(unit, 3), "original_forward_s": round(original_only, 3)}
         if not args.calibrate_only:
             statistics = median_seconds(lambda: input_moments(model, convs, data, None), args.repeats)
             crossed = median_seconds(lambda: input_moments(model, convs, data, None, cross_channel=True), args.repeats)
@@ -113,10 +140,14 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
-        whole = args.models == list(MODELS) and not args.calibrate_only and args.alternates == [0, 1]
+        whole = args.models == list(MODELS) and not args.calibrate_only and args.alternates == [0, 1] and not (
+            args.size or args.images or args.threads or args.tag)
         command = "python benchmarks/calibration_cost.py" + ("" if argv is None and whole else " " + " ".join(argv or sys.argv[1:]))
         name = "calibration_cost" + ("" if args.models == list(MODELS) else "_" + "_".join(args.models))
         name += "" if whole or not args.calibrate_only else "_calibrate"
+        name += "".join(f"_{label}{value}" for label, value in (("size", args.size), ("images", args.images),
+                                                                 ("threads", args.threads)) if value)
+        name += ("_statistics" if not args.alternates else "") + (f"_{args.tag}" if args.tag else "")
         save_json(name, {"command": command, "rank": args.rank, "rows": rows})
     return 0
 

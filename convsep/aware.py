@@ -8,7 +8,7 @@ moments and gives each candidate layer what they allow: its whitened SVD
 (factorize.whitened_channel_svd), and for an allocation that calibration will follow, its
 output error after the pointwise refit at every rank (refit_error.py); where the data cannot
 speak for a layer, the weight SVD and weight error, with the reason. The candidates are
-convert's: anything with .decision, .conv, .kernel, .site, .whitened, .refit_errors, .factors().
+convert's: anything with .decision, .conv, .kernel, .site, .whitened, .refit_errors, .refit_ranks, .factors().
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def gather(work: nn.Module, candidates: list, data: Any, batches: Optional[int],
                 basis = (candidate.factors(init) or candidate.spectrum()).Vh  # random init: the SVD's span
                 candidate.refit_errors = refit_errors(
                     candidate.kernel.weight, candidate.kernel.bias, candidate.conv.groups, basis, layer.covariance(),
-                    layer.mean(), basis.shape[1], ACTIVATION_RIDGE,
+                    layer.mean(), min(basis.shape[1], candidate.refit_ranks or basis.shape[1]), ACTIVATION_RIDGE,
                 )  # fmt: skip
             else:
                 decision.allocation = f"weight error: {reason}"

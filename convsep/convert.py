@@ -28,6 +28,7 @@ from .count import (
     conv_macs,
     conv_params,
     kernel_elements,
+    largest_saving_rank,
     positions,
     saves_macs,
     separable_macs,
@@ -66,6 +67,7 @@ class Candidate:
     svd: Optional[ChannelSVD] = None
     whitened: Optional[ChannelSVD] = None  # the activation-aware factorisation, when the data allowed one
     refit_errors: Optional[list[float]] = None  # predicted output error after calibration's refit, per rank
+    refit_ranks: Optional[int] = None  # how many ranks to predict refit_errors for (None: every rank)
     pair: Optional[nn.Module] = None  # the replacement, once built
 
     @property
@@ -236,6 +238,13 @@ def convert(
     if candidates and (whitened or refit_aware):
         with distributed.together():  # a user's generator may fail on one process only
             calibration_data = rereadable(calibration_data, calibration_batches)  # read twice: statistics, calibration
+        if refit_aware:  # a budget never picks a rank that saves nothing (options_from_errors): predict only those,
+            # which makes the largest system smaller (the factorisation costs its size cubed); a rank fixed by `ranks=`
+            # may be any, so those layers get every rank.
+            for candidate in candidates:
+                if overrides.get(candidate.decision.name, None) is None:
+                    c, k = candidate.conv, kernel_elements(candidate.conv.kernel_size)
+                    candidate.refit_ranks = max(1, largest_saving_rank(c.out_channels, c.in_channels, k, c.groups))
         statistics = gather(work, candidates, calibration_data, calibration_batches, init, whitened, refit_aware)
     budget_record = None
     if budget is None:

@@ -38,6 +38,14 @@ def saves_macs(out_channels: int, in_channels: int, kernel: int, groups: int, ra
     )
 
 
+def largest_saving_rank(out_channels: int, in_channels: int, kernel: int, groups: int) -> int:
+    """The largest rank whose pair costs fewer MACs (and so fewer params) than the conv; 0 when none does."""
+    rank = math.ceil(break_even_rank(out_channels, in_channels, kernel, groups)) - 1
+    while rank > 0 and not saves_macs(out_channels, in_channels, kernel, groups, rank):  # the float rounded up
+        rank -= 1
+    return rank
+
+
 def kernel_elements(kernel_size) -> int:
     return math.prod(kernel_size)
 

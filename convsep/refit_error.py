@@ -33,8 +33,9 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     depthwise filter (nested: rank r keeps rows < r), q >= ranks. second: (M/b, bK, bK), the
     second moment E[x x^T] of the patches of each block of b channels (channel-major, then tap).
     mean: (M*K,) E[x]. bias: the conv's (N,), or None: then the pair has none and the refit cannot centre.
-    ridge: relative to the mean diagonal of each block's system at rank `ranks`, so that channels
-    the data never excites keep it solvable.
+    ridge: relative to the mean diagonal of each block's system at the full rank q (every filter
+    of `depthwise`), so that channels the data never excites keep it solvable; the ranks asked
+    for do not change it, so asking only for the ranks a budget can use changes nothing else.
     """
     n, m_g = weight.shape[:2]
     k = depthwise.shape[-1]
@@ -46,22 +47,27 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     offset = 0.0
     if bias is not None:  # the refit fits the mean: only the covariance is left to explain
         mu = mean.double().reshape(blocks, bk)
-        sigma = sigma - mu.unsqueeze(2) * mu.unsqueeze(1)
+        sigma = torch.baddbmm(sigma, mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # one pass over the (bK)^2 numbers
         mean_output = (w @ mu.unsqueeze(-1)).reshape(groups, -1, out).sum(1).reshape(-1) + bias.detach().double()
         offset = float(mean_output.square().sum())
     sigma_w = sigma @ w.mT  # (M/b, bK, N/g): Sigma W^T
     energy = float((w.mT * sigma_w).sum()) + offset
     if energy <= 0:
         return [0.0] * ranks
-    d = depthwise.double().reshape(blocks, b, -1, k)[:, :, :ranks]
+    every = depthwise.double().reshape(blocks, b, -1, k)  # (M/b, b, q, K)
+    d = every[:, :, :ranks]
     # z ordered rank-major, (filter j, channel c): rank r keeps a prefix of z, so one Cholesky factor of the
     # largest system serves every rank (a leading block of L factors the leading block of the system) and
     # the triangular solve's first r*b rows are rank r's. D Sigma D^T: (blocks, R b, R b); B: (blocks, R b, N/g).
-    s = sigma.reshape(blocks, b, k, b, k)
-    gram = torch.einsum("ncik,nckdl,ndjl->nicjd", d, s, d).reshape(blocks, ranks * b, ranks * b)
-    cross = torch.einsum("ncik,ncko->nico", d, sigma_w.reshape(blocks, b, k, out)).reshape(blocks, ranks * b, out)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
-    gram = gram + (ridge * scale)[:, None, None] * torch.eye(ranks * b, dtype=gram.dtype, device=gram.device)
+    # D is block-diagonal (channel c's filters see only its taps), so both sides are batched products per channel:
+    # D Sigma is (blocks, c, i, (d, l)), then (D Sigma) D^T contracts l with channel d's filters j.
+    left = (d @ sigma.reshape(blocks, b, k, bk)).reshape(blocks, b * ranks, b, k).transpose(1, 2)  # (n, d, (c, i), l)
+    gram = (left @ d.mT).reshape(blocks, b, b, ranks, ranks).permute(0, 3, 2, 4, 1).reshape(blocks, *[ranks * b] * 2)
+    cross = (d @ sigma_w.reshape(blocks, b, k, out)).transpose(1, 2).reshape(blocks, ranks * b, out)
+    # The system's diagonal at full rank, filter by filter: d_cj Sigma_cc d_cj^T, from the channels' own blocks.
+    own = sigma.reshape(blocks, b, k, b, k).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (M/b, b, K, K)
+    scale = ((every @ own) * every).sum(-1).mean(dim=(1, 2)).clamp_min(1e-300)
+    gram.diagonal(dim1=1, dim2=2).add_((ridge * scale)[:, None])  # gram is a fresh tensor: the ridge in place
     factor, info = torch.linalg.cholesky_ex(gram)
     # Not positive definite, or so nearly singular that the factor amplifies rounding (ridge=0 on degenerate inputs).
     degenerate = bool(info.any()) or bool((factor.diagonal(dim1=1, dim2=2).square() < 1e-10 * scale[:, None]).any())

@@ -10,6 +10,7 @@ from torch import nn
 
 import convsep
 from convsep.activations import InputMoments, cross_channel_block, input_moments, patches, sampling_step
+from convsep.count import largest_saving_rank, saves_macs
 from convsep.factorize import channel_svd, whitened_channel_svd
 from convsep.refit_error import refit_errors
 
@@ -205,3 +206,33 @@ def test_every_zoo_model_converts_with_refit_aware_ranks_and_keeps_each_predicti
             assert 0 <= decision.predicted_refit_error <= 1
     with torch.no_grad():
         assert torch.isfinite(converted(data[1])).all()
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 9, 1), (512, 512, 9, 1), (1024, 1024, 64, 16), (6, 6, 9, 3), (4, 2, 9, 1)])
+def test_largest_saving_rank_is_the_last_rank_that_saves_macs(shape):
+    n, m, k, g = shape
+    saving = [r for r in range(1, k + 1) if saves_macs(n, m, k, g, r)]
+    assert largest_saving_rank(n, m, k, g) == (saving[-1] if saving else 0)
+
+
+def test_predictions_do_not_depend_on_how_many_ranks_are_asked_for():
+    """convert predicts only the ranks a budget can use: the ridge (scaled at full rank) must not move with them."""
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    second, mean, _ = _moments(conv, _inputs(conv), 4)
+    basis = channel_svd(conv.weight, 1).Vh
+    every = refit_errors(conv.weight, conv.bias, 1, basis, second, mean, basis.shape[1], ridge=1e-3)
+    three = refit_errors(conv.weight, conv.bias, 1, basis, second, mean, 3, ridge=1e-3)
+    assert three == pytest.approx(every[:3], rel=1e-12)
+
+
+def test_a_layer_whose_rank_is_fixed_gets_the_prediction_at_that_rank_even_where_no_budget_would_go():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    data = [_inputs(nn.Conv2d(3, 3, 1), count=8, size=10, seed=s).float() for s in range(3)]
+    assert largest_saving_rank(16, 3, 9, 1) < 9  # "full" (rank 9) saves nothing: a budget alone never predicts it
+    predicted = {}
+    for rank in ("full", largest_saving_rank(16, 3, 9, 1)):
+        converted = convsep.convert(model, budget=0.9, ranks={"0": rank}, example_inputs=data[0][:1], calibration_data=data)
+        plan = converted.convsep_plan
+        predicted[plan.layers[0].rank] = plan.layers[0].predicted_refit_error
+    assert predicted[9] < 0.5 * predicted[largest_saving_rank(16, 3, 9, 1)]  # full rank's own error, not a lower rank's
