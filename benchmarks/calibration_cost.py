@@ -4,6 +4,7 @@
     python benchmarks/calibration_cost.py --quick
     python benchmarks/calibration_cost.py --models resnet18 --calibrate-only   # calibrate in order and at once only
     python benchmarks/calibration_cost.py --models resnet18 --size 224 --images 64 --alternates  # statistics only
+    python benchmarks/calibration_cost.py --models small_cnn resnet18 --calibrate-only --alternates 0 8 --refit-kept --tag levers
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="image side for small_cnn and resnet18 (default 28 and 64)")
     parser.add_argument("--images", type=int, help="inputs per model, in its usual batches (default 8 batches)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--refit-kept", action="store_true",
+                        help="also time calibrate(refit_kept=True), in order, at each of --alternates")
     parser.add_argument("--tag", help="a word added to the results' file name (e.g. before a change)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -137,11 +140,19 @@ def main(argv=None) -> int:
             key = f"calibrate{'' if sequential else '_at_once'}_alternate{alternate}"
             row[f"{key}_s"] = round(seconds, 3)
             row[f"{key}_over_both_forwards"] = round(seconds / unit, 2)
+        for alternate in args.alternates if args.refit_kept else ():
+            seconds = median_seconds(
+                lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate, refit_kept=True),
+                args.repeats,
+                warmup=0,
+            )
+            row[f"calibrate_alternate{alternate}_refit_kept_s"] = round(seconds, 3)
+            row[f"calibrate_alternate{alternate}_refit_kept_over_both_forwards"] = round(seconds / unit, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.quick:
         whole = args.models == list(MODELS) and not args.calibrate_only and args.alternates == [0, 1] and not (
-            args.size or args.images or args.threads or args.tag)
+            args.size or args.images or args.threads or args.tag or args.refit_kept)
         command = "python benchmarks/calibration_cost.py" + ("" if argv is None and whole else " " + " ".join(argv or sys.argv[1:]))
         name = "calibration_cost" + ("" if args.models == list(MODELS) else "_" + "_".join(args.models))
         name += "" if whole or not args.calibrate_only else "_calibrate"
