@@ -98,7 +98,8 @@ def test_after_an_exact_conversion_the_kept_layers_stay_as_they_were():
     model, data = head_after_conv(), images()
     calibrated = convsep.calibrate(convsep.convert(model, rank="full"), model, data, refit_kept=True)
     record = calibrated.convsep_plan.calibration["kept"]["4"]
-    assert record["before"] < 1e-5 and record["after"] < 1e-5
+    # Errors measured from float32 sums have a floor near 1e-4 (1.5e-4 on one machine); at rank 1 it is 0.50.
+    assert record["before"] < 1e-3 and record["after"] < 1e-3
     torch.testing.assert_close(calibrated[4].weight, model[4].weight, atol=1e-5, rtol=1e-5)
 
 
