@@ -35,14 +35,14 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import convsep  # noqa: E402
 from common import machine_line, median_seconds, save_json  # noqa: E402
+
+import convsep  # noqa: E402
 from convsep.activations import input_moments  # noqa: E402
 from convsep.count import kernel_elements, largest_saving_rank  # noqa: E402
 from convsep.factorize import channel_svd  # noqa: E402
-from convsep.refit_error import refit_errors  # noqa: E402
 from convsep.models import resnet18, small_cnn  # noqa: E402
-
+from convsep.refit_error import predicted_refit_errors  # noqa: E402
 
 
 def audio_stack() -> nn.Module:
@@ -93,7 +93,7 @@ def refit_prediction(model, convs, data):
         basis = channel_svd(conv.weight, conv.groups).Vh
         m, k = moments[name], kernel_elements(conv.kernel_size)
         ranks = min(basis.shape[1], max(1, largest_saving_rank(conv.out_channels, conv.in_channels, k, conv.groups)))
-        refit_errors(conv.weight, conv.bias, conv.groups, basis, m.covariance(), m.mean(), ranks, 1e-3)
+        predicted_refit_errors(conv.weight, conv.bias, conv.groups, basis, m, ranks, 1e-3)
 
 
 def main(argv=None) -> int:

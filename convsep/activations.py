@@ -155,6 +155,10 @@ class InputMoments:
         """E[x_c x_c^T] per channel (M, K, K): the diagonal blocks; None when the data never reached the layer."""
         if self.block == 1:
             return self.covariance()
+        rows = self.samples()
+        if rows is not None:  # cheaper than summing the cross-channel products only to take their diagonal
+            per_channel = rows.reshape(rows.shape[0], self.channels, self.kernel).transpose(0, 1).double()
+            return per_channel.mT @ per_channel / self.count
         self.flush()
         if not self.count:
             return None
@@ -163,6 +167,9 @@ class InputMoments:
         return diagonal.permute(0, 3, 1, 2).reshape(blocks * b, k, k) / self.count  # only the diagonal is divided
 
     def mean(self) -> Optional[Tensor]:
+        rows = self.samples()
+        if rows is not None:
+            return rows.double().mean(dim=0)
         self.flush()
         return self.first / self.count if self.count else None
 
@@ -204,6 +211,15 @@ class InputMoments:
         # products would then cost less than adding their (bK)^2 sums, so rows wait until there are enough.
         if sum(r.shape[0] for r in self.pending) >= self.block * self.kernel:
             self.flush()
+
+    def samples(self) -> Optional[Tensor]:
+        """The sampled rows (n, M*K) when they were never summed (fewer than bK reached the layer), else None:
+        refit_error.refit_errors_from_samples can then work from them, at a cost in n rather than (bK)^2."""
+        if self.second is not None or not self.pending:
+            return None
+        if len(self.pending) > 1:
+            self.pending[:] = [torch.cat(self.pending)]
+        return self.pending[0]
 
     def flush(self) -> None:
         """Add the rows waiting in `pending` to the sums."""
@@ -249,12 +265,25 @@ def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[An
     finally:
         for handle in hooks:
             handle.remove()
-    for m in moments.values():
-        m.flush()
     if distributed.active():
-        counts = torch.tensor([m.count for m in moments.values()], dtype=torch.float64)
-        sums = [m.sums() for m in moments.values()]
-        distributed.all_sum([second for second, _ in sums] + [first for _, first in sums] + [counts])
-        for m, count in zip(moments.values(), counts.tolist()):
-            m.count = int(count)
+        _add_over_processes(list(moments.values()))
     return moments
+
+
+def _add_over_processes(moments: list[InputMoments]) -> None:
+    """Every process's sums added together; rows still apart everywhere (fewer than bK in all) are joined instead,
+    so that refit_errors_from_samples sees them as one process would have (in another order)."""
+    counts = torch.tensor([m.count for m in moments], dtype=torch.float64)
+    summed = torch.tensor([m.second is not None for m in moments], dtype=torch.float64)
+    distributed.all_sum([counts, summed])
+    to_sum = []
+    for m, count, anywhere in zip(moments, counts.tolist(), summed.tolist(), strict=True):
+        if m.block > 1 and not anywhere and count < m.block * m.kernel:
+            mine = m.samples()
+            mine = torch.zeros(0, m.channels * m.kernel) if mine is None else mine
+            m.pending[:] = [distributed.concatenate(mine.double().to(m.device))] if count else []
+        else:
+            m.flush()
+            to_sum.append(m.sums())
+        m.count = int(count)
+    distributed.all_sum([second for second, _ in to_sum] + [first for _, first in to_sum])

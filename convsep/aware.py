@@ -21,7 +21,7 @@ from torch import nn
 from .activations import input_moments
 from .errors import ConvsepValueError
 from .factorize import whitened_channel_svd
-from .refit_error import refit_errors
+from .refit_error import predicted_refit_errors
 
 CONVERT_INITS = ("auto", "svd", "activation", "random")
 ALLOCATE_BY = ("auto", "weights", "activations")
@@ -77,9 +77,9 @@ def gather(work: nn.Module, candidates: list, data: Any, batches: Optional[int],
             if reason is None:
                 layer = moments[decision.name]
                 basis = (candidate.factors(init) or candidate.spectrum()).Vh  # random init: the SVD's span
-                candidate.refit_errors = refit_errors(
-                    candidate.kernel.weight, candidate.kernel.bias, candidate.conv.groups, basis, layer.covariance(),
-                    layer.mean(), min(basis.shape[1], candidate.refit_ranks or basis.shape[1]), ACTIVATION_RIDGE,
+                candidate.refit_errors = predicted_refit_errors(
+                    candidate.kernel.weight, candidate.kernel.bias, candidate.conv.groups, basis, layer,
+                    min(basis.shape[1], candidate.refit_ranks or basis.shape[1]), ACTIVATION_RIDGE,
                 )  # fmt: skip
             else:
                 decision.allocation = f"weight error: {reason}"

@@ -70,6 +70,23 @@ def all_sum(tensors: Sequence[Tensor]) -> None:
         offset += t.numel()
 
 
+def concatenate(tensor: Tensor) -> Tensor:
+    """Every rank's tensor joined along dim 0, in rank order, on every rank (the other dims and the dtype must
+    agree; the first may differ)."""
+    if not active():
+        return tensor
+    device = _device()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), *tensor.shape[1:], dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)]).to(tensor.device)
+
+
 def global_min(value: int) -> int:
     if not active():
         return value
