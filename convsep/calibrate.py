@@ -21,27 +21,27 @@ rounding); shards may differ in length, and some may be empty.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
-from .batches import as_args, rereadable, split_batch
+from .batches import rereadable, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .eager import require_eager
-from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError
+from .errors import ConvsepTypeError, ConvsepValueError
 from .kept import KeptLayer, kept_layers
 from .layers import _SeparableConvNd
 from .least_squares import LayerStats, fit, relative_error
+from .model_runs import OriginalOutputs, every_call, forward, pair_inputs, run_order
 from .plan import LayerDecision, plan_of
-from .probe import ConvCalls, cannot_run, eval_mode
+from .probe import eval_mode
 from .progress import progress_bar
 from .warn import warn_user
 
@@ -144,38 +144,60 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
     every = layers + kept
     with distributed.together():
         first = source.first()
-        order = None if first is None else _run_order(converted, every, first)
+        order = None if first is None else run_order(converted, [layer.module for layer in every], first)
     order = distributed.first_given(order)  # a process with an empty shard learns it from the others
     if order is None:
         raise ConvsepValueError(NO_BATCHES)
     _warn_not_reached(layers, {index for index, _ in order})
     # A kept layer that runs before every pair sees the original's inputs: nothing to make up for.
     order = order[next((position for position, (index, _) in enumerate(order) if index < len(layers)), len(order)) :]
+    kept_results = {every[index].name: _too_many_unknowns(every[index]) for index, _ in order if index >= len(layers)}
+    kept_results = {name: record for name, record in kept_results.items() if record is not None}
+    order = [(index, calls) for index, calls in order if every[index].name not in kept_results]  # never run
+
+    def initial_error(position: int, x: Tensor, y: Tensor) -> Optional[float]:
+        """A pair as converted, on the input the original layer saw: the error its init was predicted to make."""
+        layer = every[order[position][0]]
+        if layer.decision is None:
+            return None
+        output = layer.pair(x)
+        if output.shape != y.shape:  # stats.add, which sees it first, says what does not match
+            return math.nan
+        return float((output - y).square().sum(dtype=torch.float64))
+
+    originals = OriginalOutputs(original, [(every[i].original, calls) for i, calls in order], source, source.count, initial_error)
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
-    results, kept_results = {}, {}
+    results = {}
     try:
-        for index, calls in order:  # in the order the model runs them, so each fit sees the ones before it
+        for position, (index, calls) in enumerate(order):  # in the order the model runs them: each fit sees those before
             layer = every[index]
             if layer.decision is None:
-                kept_results[layer.name] = _refit_kept(layer, calls, original, converted, source, ridge, verbose, progress)
+                kept_results[layer.name] = _refit_kept(layer, calls, originals, position, converted, source, ridge,
+                                                       verbose, progress)  # fmt: skip
                 continue
             stats = LayerStats(layer.pair, patches=alternate > 0)
-            _accumulate_in_converted(stats, layer, calls, original, converted, source, progress)
+            _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
             results[layer.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
     finally:
         if progress is not None:
             progress.close()
-    return results, kept_results
+    return results, {layer.name: kept_results[layer.name] for layer in kept if layer.name in kept_results}
 
 
-def _refit_kept(layer, calls, original, converted, source, ridge, verbose, progress) -> dict:
-    """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
+def _too_many_unknowns(layer) -> Optional[dict]:
+    """Why a kept layer is not refitted whatever the data (its system would be too large), or None."""
     unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
     if unknowns > MAX_KEPT_UNKNOWNS:
         return {"refitted": False, "reason": f"{unknowns} weights per output (more than {MAX_KEPT_UNKNOWNS})"}
+    return None
+
+
+def _refit_kept(layer, calls, originals, position, converted, source, ridge, verbose, progress) -> dict:
+    """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
+    unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
     stats = LayerStats(layer.pair, patches=False, on_original_inputs=True)  # its initial error is its error before
-    _accumulate_in_converted(stats, layer, calls, original, converted, source, progress)
+    _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
     if stats.count < SAMPLES_PER_KEPT_WEIGHT * unknowns:
         return {
             "refitted": False,
@@ -198,10 +220,10 @@ def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> d
 
     progress = progress_bar(source.count or 0, verbose, "calibrating", "batch", leave=False)
     try:
-        with distributed.together(), _every_call([layer.original for layer in layers], keep):
+        with distributed.together(), every_call([layer.original for layer in layers], keep):
             batches = 0
             for batches, inputs in enumerate(source, 1):
-                _forward(original, inputs, f"calibration batch {batches}", "original model")
+                forward(original, inputs, f"calibration batch {batches}", "original model")
                 if progress is not None:
                     progress.update()
         if distributed.global_min(-batches) == 0:  # no process had a batch (the most any had is 0)
@@ -219,53 +241,30 @@ def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> d
     return results
 
 
-@contextlib.contextmanager
-def _every_call(sites: list[Union[nn.Module, Tensor]], keep) -> Iterator[None]:
-    """keep(index in `sites`, input, output) after every call of each conv module in `sites`, and of every
-    conv call that uses a weight in `sites` (a functional conv's)."""
-    handles = [
-        site.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
-        for index, site in enumerate(sites)
-        if isinstance(site, nn.Module)
-    ]
-    by_weight = {id(site): index for index, site in enumerate(sites) if isinstance(site, Tensor)}
-
-    def functional(conv: dict, output: Tensor) -> None:
-        index = by_weight.get(id(conv.get("weight")))
-        if index is not None:
-            keep(index, conv["input"], output)
-
-    try:
-        with ConvCalls(functional) if by_weight else contextlib.nullcontext():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _warn_not_reached(layers: list[_Layer], reached: set[int]) -> None:
     not_run = [layer.name for index, layer in enumerate(layers) if index not in reached]
     if not_run and distributed.is_main():
         warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
 
 
-def _accumulate_in_converted(stats, layer, calls, original, converted, source, progress) -> None:
-    """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs."""
+def _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress) -> None:
+    """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs
+    (OriginalOutputs: gathered for several layers at once, or the original's prefix run here for this one)."""
     with distributed.together():
+        cached = originals.take(position, layer.name)
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.name!r})"
-            seen = _original_calls(original, layer.original, inputs, calls, where)
-            sources = _pair_inputs(converted, layer.module, inputs, calls, where)
+            seen = originals.stream(position, inputs, where) if cached is None else cached[index - 1]
+            sources = pair_inputs(converted, layer.module, inputs, calls, where)
             if len(seen) != len(sources):
                 raise ConvsepValueError(
                     f"{where}: the layer ran {len(sources)} times in the converted model and "
                     f"{len(seen)} times in the original: is `original` the model convert was given?"
                 )
-            for x, (x_original, y) in zip(sources, seen):
+            for x, (y, initial) in zip(sources, seen, strict=True):
                 stats.add(x, y, layer.name)
                 if stats.initial_error is not None:
-                    # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
-                    stats.initial_error += float((layer.pair(x_original) - y).square().sum(dtype=torch.float64))
+                    stats.initial_error += initial
             if progress is not None:
                 progress.update()
     stats.sum_over_processes()
@@ -401,74 +400,3 @@ class _Layer:
                 f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
             )
         return cls(decision.name, pair, site, decision)
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once it has shown what was needed."""
-
-
-def _forward(model: nn.Module, inputs: Any, where: str, who: str = "model") -> None:
-    """model(*inputs), with a clear InputShapeError when the model cannot take them."""
-    args = as_args(inputs)
-    try:
-        model(*args)
-    except (_StopForward, ConvsepError):  # ConvsepError: from calibrate's own hooks, already clear
-        raise
-    except Exception as error:  # the model's own code can fail in any way on inputs it cannot take
-        raise cannot_run(where, who, args, error) from error
-
-
-def _run_order(converted: nn.Module, layers: list[_Layer], inputs: Any) -> list[tuple[int, int]]:
-    """(index in `layers`, calls per batch) of the pairs in the order of their first call on one batch."""
-    calls: dict[int, int] = {}
-
-    def record(module, _args):
-        calls[id(module)] = calls.get(id(module), 0) + 1
-
-    index_of = {id(layer.module): index for index, layer in enumerate(layers)}  # a shared pair: its last layer
-    handles = [layers[index].module.register_forward_pre_hook(record) for index in index_of.values()]
-    try:
-        _forward(converted, inputs, "calibration batch 1", "converted model")
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(index_of[pair], count) for pair, count in calls.items()]
-
-
-def _original_calls(
-    original: nn.Module, site: Union[nn.Module, Tensor], inputs: Any, expected: int, where: str
-) -> list[tuple[Tensor, Tensor]]:
-    """(input, output) of each call of the conv module `site`, or of the conv calls that use the weight
-    `site`, stopping the forward once all have been seen."""
-    outputs: list[tuple[Tensor, Tensor]] = []
-
-    def keep(x: Tensor, output: Tensor) -> None:
-        outputs.append((x, output))
-        if len(outputs) == expected:
-            raise _StopForward
-
-    try:
-        with _every_call([site], lambda _index, x, output: keep(x, output)):
-            _forward(original, inputs, where, "original model")
-    except _StopForward:
-        pass
-    return outputs
-
-
-def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: int, where: str) -> list[Tensor]:
-    """The inputs of `pair` in the converted model, stopping before the pair runs for the last time."""
-    seen: list[Tensor] = []
-
-    def keep(_module, args):
-        seen.append(args[0])
-        if len(seen) == expected:
-            raise _StopForward
-
-    handle = pair.register_forward_pre_hook(keep)
-    try:
-        _forward(converted, inputs, where, "converted model")
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return seen

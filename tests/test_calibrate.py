@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_bitwise_equal, relative_error, snapshot
 from torch import nn
+from zoo import ARCHITECTURES, FunctionalConvNet, MixedDimsNet, SharedConvNet
 
 import convsep
 from convsep.models import small_cnn
-from helpers import assert_bitwise_equal, relative_error, snapshot
-from zoo import ARCHITECTURES, FunctionalConvNet, MixedDimsNet, SharedConvNet
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def test_depthwise_refit_is_the_least_squares_solution_given_the_pointwise_weigh
         jacobian = torch.stack([output_of(unit).reshape(-1) - offset for unit in basis], dim=1)
     expected = torch.linalg.lstsq(jacobian.double(), (target.reshape(-1) - offset).double().unsqueeze(1)).solution
 
-    from convsep.calibrate import _pair_inputs
     from convsep.least_squares import LayerStats, _refit_depthwise
+    from convsep.model_runs import pair_inputs as _pair_inputs
     from convsep.probe import eval_mode
 
     stats = LayerStats(pair, patches=True)
