@@ -151,7 +151,9 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
     _warn_not_reached(layers, {index for index, _ in order})
     # A kept layer that runs before every pair sees the original's inputs: nothing to make up for.
     order = order[next((position for position, (index, _) in enumerate(order) if index < len(layers)), len(order)) :]
-    total = len(order) * source.count if source.count else 0
+    # Kept layers too large to refit take no pass over the data, so no place on the progress bar either.
+    passes = sum(index < len(layers) or _kept_unknowns(every[index]) <= MAX_KEPT_UNKNOWNS for index, _ in order)
+    total = passes * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
     results, kept_results = {}, {}
     try:
@@ -171,7 +173,7 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
 
 def _refit_kept(layer, calls, original, converted, source, ridge, verbose, progress) -> dict:
     """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
-    unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
+    unknowns = _kept_unknowns(layer)
     if unknowns > MAX_KEPT_UNKNOWNS:
         return {"refitted": False, "reason": f"{unknowns} weights per output (more than {MAX_KEPT_UNKNOWNS})"}
     stats = LayerStats(layer.pair, patches=False, on_original_inputs=True)  # its initial error is its error before
@@ -184,6 +186,11 @@ def _refit_kept(layer, calls, original, converted, source, ridge, verbose, progr
         }
     record = _refit(layer, stats, ridge, 0, verbose, progress)
     return {"refitted": True, "before": record["before"], "after": record["after"]}
+
+
+def _kept_unknowns(layer) -> int:
+    """A kept layer's weights per output (per group), its bias included."""
+    return layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
 
 
 def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> dict:

@@ -235,3 +235,30 @@ def test_convert_refuses_refit_kept_where_it_cannot_apply(arguments, message):
     with pytest.raises(convsep.ConvsepValueError) as info:
         convsep.convert(head_after_conv(), rank=1, calibration_refit_kept=True, **arguments)
     assert str(info.value).startswith(message)
+
+
+class Bar:
+    """A stand-in for the tqdm bar: what it was told to expect and how far it got."""
+
+    def __init__(self, total, *_args, **_kwargs):
+        self.total, self.n = total, 0
+
+    def update(self, steps=1):
+        self.n += steps
+
+    def write(self, _message):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("limit, count", [(None, 8), (24, 8), (None, 2)])  # refitted, too large, too few samples
+def test_the_progress_bar_counts_only_the_passes_calibration_makes(monkeypatch, limit, count):
+    bars = []
+    monkeypatch.setattr(calibrate_module, "progress_bar", lambda *a, **k: bars.append(Bar(*a, **k)) or bars[-1])
+    if limit is not None:
+        monkeypatch.setattr(calibrate_module, "MAX_KEPT_UNKNOWNS", limit)
+    model = head_after_conv()
+    convsep.calibrate(convsep.convert(model, rank=1), model, images(count=count, size=8), refit_kept=True)
+    assert len(bars) == 1 and bars[0].total == bars[0].n >= count
