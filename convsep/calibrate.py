@@ -72,7 +72,9 @@ def calibrate(
     converted: a model returned by `convsep.convert` (it carries the conversion plan). It is
         modified in place and returned; `original` is never modified (both run in eval mode
         during calibration, and every module's train/eval flag is restored afterwards).
-    original: the model `convert` was given.
+    original: the model `convert` was given. For a model converted twice (convert(convert(model), ...)) that
+        may be the first conversion's result: then only the pairs the second conversion made are calibrated
+        (the others are pairs in both models), or the model itself, and every pair is calibrated.
     data: an iterable of batches: input tensors, or tuples (inputs, targets, ...) whose
         targets are ignored; inputs may be a tuple of tensors for models with several inputs.
         It is iterated once per converted layer; a one-shot iterator (a generator) is read
@@ -112,7 +114,9 @@ def calibrate(
         else:
             device = device_of(converted)
         source = _Batches(data, batches, device)
-        layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+        found = [_Layer.find(decision, converted, original) for decision in plan.converted]
+        layers = [layer for layer in found if layer is not None]
+        _log_earlier(plan.converted, found)
         kept = [_Layer(name, layer, source) for name, layer, source in kept_layers(converted, original)] if refit_kept else []
     converted_layers = ";".join(f"{d.name}>{d.module}@{d.rank}" for d in plan.converted)
     distributed.same_everywhere(distributed.fingerprint(converted, original, extra=converted_layers), "models")
@@ -386,7 +390,9 @@ class _Layer:
         return self.pair.module if isinstance(self.pair, KeptLayer) else self.pair
 
     @classmethod
-    def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> "_Layer":
+    def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> Optional["_Layer"]:
+        """The layer `decision` converted, or None for a pair an earlier conversion made (the plan of a model converted
+        twice names both conversions' pairs; against the first's result, only the second's have an original conv)."""
         try:
             pair = converted.get_submodule(decision.module)
         except AttributeError:
@@ -403,11 +409,33 @@ class _Layer:
                 site = site if isinstance(site, _ConvNd) else None
         except AttributeError:
             site = None
+        if site is None and _is_pair(original, decision.module):
+            return None  # made by an earlier conversion: `original` is that conversion's result, the pair is in both
         if site is None:
             raise ConvsepValueError(
                 f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
             )
         return cls(decision.name, pair, site, decision)
+
+
+def _is_pair(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), _SeparableConvNd)
+    except AttributeError:
+        return False
+
+
+def _log_earlier(decisions: list[LayerDecision], found: list[Optional[_Layer]]) -> None:
+    earlier = ", ".join(decision.name for decision, layer in zip(decisions, found) if layer is None)
+    if not earlier:
+        return
+    if any(layer is not None for layer in found):
+        log.info("not calibrated, since `original` holds them converted already (an earlier conversion): %s", earlier)
+    elif distributed.is_main():
+        warn_user(
+            f"nothing calibrated: `original` holds every pair of converted already ({earlier}). Pass the model convert "
+            "was given (for a model converted twice, the first conversion's result calibrates the second's pairs)"
+        )
 
 
 class _StopForward(Exception):
