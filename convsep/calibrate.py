@@ -235,7 +235,10 @@ def _every_call(sites: list[Union[nn.Module, Tensor]], keep) -> Iterator[None]:
     """keep(index in `sites`, input, output) after every call of each conv module in `sites`, and of every
     conv call that uses a weight in `sites` (a functional conv's)."""
     handles = [
-        site.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
+        site.register_forward_hook(
+            lambda _module, args, kwargs, output, index=index: keep(index, _input_of(args, kwargs), output),
+            with_kwargs=True,
+        )
         for index, site in enumerate(sites)
         if isinstance(site, nn.Module)
     ]
@@ -252,6 +255,11 @@ def _every_call(sites: list[Union[nn.Module, Tensor]], keep) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _input_of(args: tuple, kwargs: dict) -> Any:
+    """A layer call's input: the first positional argument, or the keyword torch's layers name it (`input`)."""
+    return args[0] if args else kwargs.get("input")
 
 
 def _warn_not_reached(layers: list[_Layer], reached: set[int]) -> None:
@@ -494,12 +502,12 @@ def _pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: i
     """The inputs of `pair` in the converted model, stopping before the pair runs for the last time."""
     seen: list[Tensor] = []
 
-    def keep(_module, args):
-        seen.append(args[0])
+    def keep(_module, args, kwargs):
+        seen.append(_input_of(args, kwargs))
         if len(seen) == expected:
             raise _StopForward
 
-    handle = pair.register_forward_pre_hook(keep)
+    handle = pair.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         _forward(converted, inputs, where, "converted model")
     except _StopForward:

@@ -262,3 +262,27 @@ def test_the_progress_bar_counts_only_the_passes_calibration_makes(monkeypatch, 
     model = head_after_conv()
     convsep.calibrate(convsep.convert(model, rank=1), model, images(count=count, size=8), refit_kept=True)
     assert len(bars) == 1 and bars[0].total == bars[0].n >= count
+
+
+class KeywordHead(nn.Module):
+    """A head called with its input by keyword (`head(input=x)`), or positionally."""
+
+    def __init__(self, keyword):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head, self.keyword = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2), keyword
+
+    def forward(self, x):
+        features = self.conv(x).mean(dim=(2, 3))
+        return self.head(input=features) if self.keyword else self.head(features)
+
+
+def test_a_kept_layer_called_with_its_input_by_keyword_is_refitted_as_one_called_positionally():
+    data = images(count=4)
+    fitted = {}
+    for keyword in (True, False):
+        model = KeywordHead(keyword).eval()
+        fitted[keyword] = convsep.calibrate(convsep.convert(model, rank=1), model, data, refit_kept=True)
+    assert fitted[True].convsep_plan.calibration["kept"]["head"]["refitted"] is True
+    for key, value in fitted[False].state_dict().items():
+        torch.testing.assert_close(fitted[True].state_dict()[key], value)
