@@ -84,8 +84,8 @@ class _SeparableConvNd(nn.Module):
         except (ValueError, TypeError, RuntimeError) as error:
             raise ConvsepValueError(f"{name}: {error_summary(error)}") from None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise(self.depthwise(x))
+    def forward(self, input: Tensor) -> Tensor:  # the conv's own name: a model may call conv(input=x)
+        return self.pointwise(self.depthwise(input))
 
     # --- what the conv it replaced would answer --------------------------------------------
 
