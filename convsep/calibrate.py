@@ -280,7 +280,7 @@ def _accumulate_in_converted(stats, layer, calls, original, converted, source, p
                     f"{where}: the layer ran {len(sources)} times in the converted model and "
                     f"{len(seen)} times in the original: is `original` the model convert was given?"
                 )
-            for x, (x_original, y) in zip(sources, seen):
+            for x, (x_original, y) in zip(sources, seen, strict=True):
                 stats.add(x, y, layer.name)
                 if stats.initial_error is not None:
                     # The pair as it stands, on the inputs the original layer saw: the error its init was predicted to make.
@@ -434,7 +434,7 @@ def _is_pair(model: nn.Module, name: str) -> bool:
 
 
 def _log_earlier(decisions: list[LayerDecision], found: list[Optional[_Layer]]) -> None:
-    earlier = ", ".join(decision.name for decision, layer in zip(decisions, found) if layer is None)
+    earlier = ", ".join(decision.name for decision, layer in zip(decisions, found, strict=True) if layer is None)
     if not earlier:
         return
     if any(layer is not None for layer in found):

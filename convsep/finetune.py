@@ -624,12 +624,12 @@ class _BufferBackup:
 
     def save(self) -> None:
         with torch.no_grad():
-            for copy_, buffer in zip(self.copies, self.buffers):
+            for copy_, buffer in zip(self.copies, self.buffers, strict=True):
                 copy_.copy_(buffer)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for copy_, buffer in zip(self.copies, self.buffers):
+            for copy_, buffer in zip(self.copies, self.buffers, strict=True):
                 buffer.copy_(copy_)
 
 

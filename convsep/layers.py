@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import ConvsepTypeError, ConvsepValueError, ReadOnlyAttributeError, error_summary
-from .parametrized import folded_conv, parametrization
 from .factorize import channel_svd, compose, factors_from_svd, full_rank
+from .parametrized import folded_conv, parametrization
 
 INITS = ("svd", "random")
 
