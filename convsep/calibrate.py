@@ -72,7 +72,9 @@ def calibrate(
     converted: a model returned by `convsep.convert` (it carries the conversion plan). It is
         modified in place and returned; `original` is never modified (both run in eval mode
         during calibration, and every module's train/eval flag is restored afterwards).
-    original: the model `convert` was given.
+    original: the model `convert` was given. For a model converted twice (convert(convert(model), ...)) that
+        may be the first conversion's result: then only the pairs the second conversion made are calibrated
+        (the others are pairs in both models), or the model itself, and every pair is calibrated.
     data: an iterable of batches: input tensors, or tuples (inputs, targets, ...) whose
         targets are ignored; inputs may be a tuple of tensors for models with several inputs.
         It is iterated once per converted layer; a one-shot iterator (a generator) is read
@@ -112,7 +114,9 @@ def calibrate(
         else:
             device = device_of(converted)
         source = _Batches(data, batches, device)
-        layers = [_Layer.find(decision, converted, original) for decision in plan.converted]
+        found = [_Layer.find(decision, converted, original) for decision in plan.converted]
+        layers = [layer for layer in found if layer is not None]
+        _log_earlier(plan.converted, found)
         kept = [_Layer(name, layer, source) for name, layer, source in kept_layers(converted, original)] if refit_kept else []
     converted_layers = ";".join(f"{d.name}>{d.module}@{d.rank}" for d in plan.converted)
     distributed.same_everywhere(distributed.fingerprint(converted, original, extra=converted_layers), "models")
@@ -187,7 +191,7 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
 
 def _too_many_unknowns(layer) -> Optional[dict]:
     """Why a kept layer is not refitted whatever the data (its system would be too large), or None."""
-    unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
+    unknowns = _kept_unknowns(layer)
     if unknowns > MAX_KEPT_UNKNOWNS:
         return {"refitted": False, "reason": f"{unknowns} weights per output (more than {MAX_KEPT_UNKNOWNS})"}
     return None
@@ -195,7 +199,7 @@ def _too_many_unknowns(layer) -> Optional[dict]:
 
 def _refit_kept(layer, calls, originals, position, converted, source, ridge, verbose, progress) -> dict:
     """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
-    unknowns = layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
+    unknowns = _kept_unknowns(layer)
     stats = LayerStats(layer.pair, patches=False, on_original_inputs=True)  # its initial error is its error before
     _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
     if stats.count < SAMPLES_PER_KEPT_WEIGHT * unknowns:
@@ -206,6 +210,11 @@ def _refit_kept(layer, calls, originals, position, converted, source, ridge, ver
         }
     record = _refit(layer, stats, ridge, 0, verbose, progress)
     return {"refitted": True, "before": record["before"], "after": record["after"]}
+
+
+def _kept_unknowns(layer) -> int:
+    """A kept layer's weights per output (per group), its bias included."""
+    return layer.pair.in_channels // layer.pair.groups * layer.pair.rank + (layer.pair.pointwise.bias is not None)
 
 
 def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> dict:
@@ -378,7 +387,9 @@ class _Layer:
         return self.pair.module if isinstance(self.pair, KeptLayer) else self.pair
 
     @classmethod
-    def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> "_Layer":
+    def find(cls, decision: LayerDecision, converted: nn.Module, original: nn.Module) -> Optional["_Layer"]:
+        """The layer `decision` converted, or None for a pair an earlier conversion made (the plan of a model converted
+        twice names both conversions' pairs; against the first's result, only the second's have an original conv)."""
         try:
             pair = converted.get_submodule(decision.module)
         except AttributeError:
@@ -395,8 +406,30 @@ class _Layer:
                 site = site if isinstance(site, _ConvNd) else None
         except AttributeError:
             site = None
+        if site is None and _is_pair(original, decision.module):
+            return None  # made by an earlier conversion: `original` is that conversion's result, the pair is in both
         if site is None:
             raise ConvsepValueError(
                 f"original has no convolution {decision.name!r}, which converted's plan names: pass the model convert was given"
             )
         return cls(decision.name, pair, site, decision)
+
+
+def _is_pair(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), _SeparableConvNd)
+    except AttributeError:
+        return False
+
+
+def _log_earlier(decisions: list[LayerDecision], found: list[Optional[_Layer]]) -> None:
+    earlier = ", ".join(decision.name for decision, layer in zip(decisions, found, strict=True) if layer is None)
+    if not earlier:
+        return
+    if any(layer is not None for layer in found):
+        log.info("not calibrated, since `original` holds them converted already (an earlier conversion): %s", earlier)
+    elif distributed.is_main():
+        warn_user(
+            f"nothing calibrated: `original` holds every pair of converted already ({earlier}). Pass the model convert "
+            "was given (for a model converted twice, the first conversion's result calibrates the second's pairs)"
+        )

@@ -171,12 +171,12 @@ def finetune(
     distributed.same_everywhere(distributed.fingerprint(model, teacher, extra=trained_names), "models")
     verbose = verbose and distributed.is_main()
 
-    total = _total_steps(data, epochs, steps)
+    total, why = _total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
     opt = _make_optimizer(optimizer, _parameter_groups(model, named, decay), lr)
     schedule = Schedule(opt, lr, total, warmup)
-    if total is None:
-        log.info("data has no len() and steps is None: training at a constant lr of %g", lr)
+    if why:
+        log.info("%s and steps is None: training at a constant lr of %g", why, lr)
     objective = _Objective(loss, temperature, alpha)
     history, position = History(), training_state.Position()
     run = {"rollbacks": 0, "applied": 0}  # steps undone for a non-finite value; steps applied
@@ -519,10 +519,11 @@ def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: trainin
         yield END_OF_EPOCH
 
 
-def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[int]:
-    """Steps of the whole run (for the schedule); with several processes, of the shortest shard."""
+def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> tuple[Optional[int], str]:
+    """Steps of the whole run (for the schedule), with several processes of the shortest shard; None when
+    they are not known, with why ("" for empty data: the run ends in a "yielded no batches" error)."""
     if steps is not None:
-        return steps
+        return steps, ""
     try:
         per_epoch = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -533,7 +534,9 @@ def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> Optional[
             f"the processes' shards hold {shortest} to {longest} batches: every process trains {shortest} steps "
             "per epoch (the shortest shard) and the rest is not used",
         )
-    return epochs * shortest if shortest > 0 else None
+    if shortest < 0:
+        return None, "data has no len()" if not distributed.active() else "the data of at least one process has no len()"
+    return (epochs * shortest if shortest > 0 else None), ""
 
 
 def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
@@ -621,12 +624,12 @@ class _BufferBackup:
 
     def save(self) -> None:
         with torch.no_grad():
-            for copy_, buffer in zip(self.copies, self.buffers):
+            for copy_, buffer in zip(self.copies, self.buffers, strict=True):
                 copy_.copy_(buffer)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for copy_, buffer in zip(self.copies, self.buffers):
+            for copy_, buffer in zip(self.copies, self.buffers, strict=True):
                 buffer.copy_(copy_)
 
 

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import ConvsepTypeError, ConvsepValueError, ReadOnlyAttributeError, error_summary
-from .parametrized import folded_conv, parametrization
 from .factorize import channel_svd, compose, factors_from_svd, full_rank
+from .parametrized import folded_conv, parametrization
 
 INITS = ("svd", "random")
 
@@ -84,8 +84,8 @@ class _SeparableConvNd(nn.Module):
         except (ValueError, TypeError, RuntimeError) as error:
             raise ConvsepValueError(f"{name}: {error_summary(error)}") from None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise(self.depthwise(x))
+    def forward(self, input: Tensor) -> Tensor:  # the conv's own name: a model may call conv(input=x)
+        return self.pointwise(self.depthwise(input))
 
     # --- what the conv it replaced would answer --------------------------------------------
 

@@ -48,7 +48,10 @@ def every_call(sites: list[Site], keep) -> Iterator[None]:
     """keep(index in `sites`, input, output) after every call of each conv module in `sites`, and of every
     conv call that uses a weight in `sites` (a functional conv's)."""
     handles = [
-        site.register_forward_hook(lambda _module, args, output, index=index: keep(index, args[0], output))
+        site.register_forward_hook(
+            lambda _module, args, kwargs, output, index=index: keep(index, input_of(args, kwargs), output),
+            with_kwargs=True,
+        )
         for index, site in enumerate(sites)
         if isinstance(site, nn.Module)
     ]
@@ -65,6 +68,11 @@ def every_call(sites: list[Site], keep) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_of(args: tuple, kwargs: dict) -> Any:
+    """A layer call's input: the first positional argument, or the keyword torch's layers name it (`input`)."""
+    return args[0] if args else kwargs.get("input")
 
 
 def run_order(converted: nn.Module, modules: list[nn.Module], inputs: Any) -> list[tuple[int, int]]:
@@ -110,13 +118,14 @@ def pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: in
     """The inputs of `pair` in the converted model, stopping before the pair runs for the last time."""
     seen: list[Tensor] = []
 
-    def keep(_module, args):
+    def keep(_module, args, kwargs):
+        x = input_of(args, kwargs)
         if len(seen) + 1 == expected:
-            seen.append(args[0])
+            seen.append(x)
             raise StopForward
-        seen.append(args[0].detach().clone())  # the forward goes on: an in-place op could change it
+        seen.append(x.detach().clone())  # the forward goes on: an in-place op could change it
 
-    handle = pair.register_forward_pre_hook(keep)
+    handle = pair.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         forward(converted, inputs, where, "converted model")
     except StopForward:

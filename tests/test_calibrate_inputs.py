@@ -356,3 +356,40 @@ def test_one_batch_is_a_valid_limit():
     model, converted = one_conv()
     convsep.calibrate(converted, model, [torch.randn(2, 3, 8, 8)] * 3, batches=1)
     assert converted.convsep_plan.calibration["batches"] == 1
+
+
+def two_convs():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+
+
+def test_a_second_conversion_calibrates_its_own_pairs_against_the_first():
+    model, data = two_convs(), [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    first = convsep.convert(model, rank=2, include=["0"])
+    before = copy.deepcopy(first.state_dict())
+    second = convsep.convert(first, rank=1, calibration_data=data)  # its plan names "0" (the first's) and "2"
+    assert [d.name for d in second.convsep_plan.converted] == ["0", "2"]
+    assert set(second.convsep_plan.calibration["layers"]) == {"2"}
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        if key.startswith("0."):
+            assert torch.equal(second.state_dict()[key], value), key  # the first's pair, left as it was
+    # the same as fitting the second's pair by hand against the first: a pair after the first's pair
+    direct = convsep.calibrate(convsep.convert(first, rank=1), first, data)
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[key], value)
+    # against the model itself, every pair is calibrated
+    both = convsep.calibrate(convsep.convert(first, rank=1), model, data)
+    assert set(both.convsep_plan.calibration["layers"]) == {"0", "2"}
+
+
+def test_an_original_that_holds_every_pair_already_calibrates_nothing_and_says_so():
+    model, data = two_convs(), [torch.randn(4, 3, 8, 8)]
+    converted = convsep.convert(model, rank=1)
+    with pytest.warns(UserWarning) as record:
+        convsep.calibrate(converted, copy.deepcopy(converted), data)
+    assert [str(w.message) for w in record] == [
+        "nothing calibrated: `original` holds every pair of converted already (0, 2). Pass the model convert was "
+        "given (for a model converted twice, the first conversion's result calibrates the second's pairs)"
+    ]
+    assert converted.convsep_plan.calibration["layers"] == {}

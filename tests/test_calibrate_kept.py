@@ -235,3 +235,54 @@ def test_convert_refuses_refit_kept_where_it_cannot_apply(arguments, message):
     with pytest.raises(convsep.ConvsepValueError) as info:
         convsep.convert(head_after_conv(), rank=1, calibration_refit_kept=True, **arguments)
     assert str(info.value).startswith(message)
+
+
+class Bar:
+    """A stand-in for the tqdm bar: what it was told to expect and how far it got."""
+
+    def __init__(self, total, *_args, **_kwargs):
+        self.total, self.n = total, 0
+
+    def update(self, steps=1):
+        self.n += steps
+
+    def write(self, _message):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("limit, count", [(None, 8), (24, 8), (None, 2)])  # refitted, too large, too few samples
+def test_the_progress_bar_counts_only_the_passes_calibration_makes(monkeypatch, limit, count):
+    bars = []
+    monkeypatch.setattr(calibrate_module, "progress_bar", lambda *a, **k: bars.append(Bar(*a, **k)) or bars[-1])
+    if limit is not None:
+        monkeypatch.setattr(calibrate_module, "MAX_KEPT_UNKNOWNS", limit)
+    model = head_after_conv()
+    convsep.calibrate(convsep.convert(model, rank=1), model, images(count=count, size=8), refit_kept=True)
+    assert len(bars) == 1 and bars[0].total == bars[0].n >= count
+
+
+class KeywordHead(nn.Module):
+    """A head called with its input by keyword (`head(input=x)`), or positionally."""
+
+    def __init__(self, keyword):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head, self.keyword = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2), keyword
+
+    def forward(self, x):
+        features = self.conv(x).mean(dim=(2, 3))
+        return self.head(input=features) if self.keyword else self.head(features)
+
+
+def test_a_kept_layer_called_with_its_input_by_keyword_is_refitted_as_one_called_positionally():
+    data = images(count=4)
+    fitted = {}
+    for keyword in (True, False):
+        model = KeywordHead(keyword).eval()
+        fitted[keyword] = convsep.calibrate(convsep.convert(model, rank=1), model, data, refit_kept=True)
+    assert fitted[True].convsep_plan.calibration["kept"]["head"]["refitted"] is True
+    for key, value in fitted[False].state_dict().items():
+        torch.testing.assert_close(fitted[True].state_dict()[key], value)

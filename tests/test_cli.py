@@ -624,6 +624,15 @@ def test_converting_only_some_layers_again_converts_the_rest_without_a_warning(w
     assert err.splitlines()[-1] == f"convsep: wrote {work / 'twice.pt'} (4 of 4 convolutions converted)"
 
 
+def test_converting_some_layers_again_calibrates_the_new_pairs_against_the_checkpoint(work, capsys):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
+    argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work)]
+    code, _, err = run(argv + ["--calibrate-with", f"{work / 'calib.py'}:batches"], capsys)
+    assert code == 0, err
+    assert set(convsep.load(work / "twice.pt").plan.calibration["layers"]) == {"1.0", "3.0", "4.0"}
+
+
 def test_converting_again_with_every_other_layer_excluded_warns_that_nothing_new_converted(work, capsys):
     assert run(_convert(work, "--include", "0.0", out="once.pt"), capsys)[0] == 0
     argv = ["convert", work / "once.pt", "-o", work / "twice.pt", "--model", spec(work), "--exclude", "*"]

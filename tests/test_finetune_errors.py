@@ -179,3 +179,16 @@ def test_targets_that_are_not_a_tensor_are_named():
 
     with pytest.raises(convsep.ConvsepTypeError, match=whole("batch 1: targets must be a tensor, got list")):
         _Objective("auto", 2.0, 0.5)(torch.zeros(4, 4), None, [0, 1, 2, 3], "batch 1")
+
+
+def test_empty_data_with_a_len_is_not_logged_as_data_without_one(caplog):
+    with caplog.at_level("INFO", logger="convsep.finetune"):
+        with pytest.raises(convsep.ConvsepValueError, match="data yielded no batches"):
+            convsep.finetune(nn.Linear(3, 2), [], loss=square, verbose=False)
+    assert not [r for r in caplog.records if "len()" in r.getMessage()], caplog.text
+
+
+def test_data_without_a_len_is_logged_as_such(caplog):
+    with caplog.at_level("INFO", logger="convsep.finetune"):
+        convsep.finetune(nn.Linear(3, 2), (torch.randn(2, 3) for _ in range(2)), loss=square, verbose=False)
+    assert "data has no len() and steps is None: training at a constant lr of" in caplog.text

@@ -268,3 +268,18 @@ def test_from_conv_errors_are_convseps():
         SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), init="xavier")
     with pytest.raises(convsep.ConvsepValueError, match="rank must be a positive int or 'full', got 0"):
         SeparableConv2d.from_conv(nn.Conv2d(2, 2, 3), rank=0)
+
+
+def test_a_conv_called_with_its_input_by_keyword_still_runs_after_conversion():
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3)
+
+        def forward(self, x):
+            return self.conv(input=x)
+
+    torch.manual_seed(0)
+    model, x = ByKeyword().eval(), torch.randn(1, 3, 8, 8)
+    converted = convsep.convert(model, rank="full")
+    torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)

@@ -58,3 +58,12 @@ def test_converts_warning_about_a_rank_pattern_that_matched_nothing():
     with pytest.warns(UserWarning, match="ranks pattern 'nothing.*' matched no convertible convolution") as record:
         convsep.convert(model, rank=1, ranks={"nothing.*": 2})
     assert [w.filename for w in record] == [__file__]
+
+
+def test_calibrates_warning_that_original_holds_every_pair_already():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    converted = convsep.convert(model, rank=1)
+    with pytest.warns(UserWarning, match="nothing calibrated") as record:
+        convsep.calibrate(converted, convsep.convert(model, rank=1), [torch.randn(2, 3, 8, 8)])
+    assert [w.filename for w in record] == [__file__]
