@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
-from .batches import as_args, split_batch
+from .batches import as_args, input_of, split_batch
 from .devices import device_of, to_device
 from .probe import cannot_run, eval_mode
 from .standin import STANDARD_CONVS
@@ -249,10 +249,10 @@ def input_moments(model: nn.Module, convs: dict[str, _ConvNd], data: Iterable[An
         m.calls, m.calls_step = distributed.rank(), distributed.world_size()
     hooks = []
     for name, conv in convs.items():
-        def keep(module, args, name=name):
-            moments[name].add(args[0], module)
+        def keep(module, args, kwargs, name=name):
+            moments[name].add(input_of(args, kwargs), module)
 
-        hooks.append(conv.register_forward_pre_hook(keep))
+        hooks.append(conv.register_forward_pre_hook(keep, with_kwargs=True))
     try:
         with distributed.together(), eval_mode(model), torch.no_grad():
             for index, batch in enumerate(itertools.islice(data, batches), 1):

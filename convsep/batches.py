@@ -39,3 +39,8 @@ def rereadable(data: Any, limit: Optional[int] = None) -> Any:
     except TypeError:
         return data  # the caller says what is wrong with it
     return list(itertools.islice(iterator, limit)) if iterator is data else data
+
+
+def input_of(args: tuple, kwargs: dict) -> Any:
+    """A layer call's input: the first positional argument, or the keyword torch's layers name it (`input`)."""
+    return args[0] if args else kwargs.get("input")

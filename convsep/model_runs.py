@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from torch import Tensor, nn
 
-from .batches import as_args
+from .batches import as_args, input_of
 from .errors import ConvsepError
 from .probe import ConvCalls, cannot_run
 
@@ -68,11 +68,6 @@ def every_call(sites: list[Site], keep) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def input_of(args: tuple, kwargs: dict) -> Any:
-    """A layer call's input: the first positional argument, or the keyword torch's layers name it (`input`)."""
-    return args[0] if args else kwargs.get("input")
 
 
 def run_order(converted: nn.Module, modules: list[nn.Module], inputs: Any) -> list[tuple[int, int]]:

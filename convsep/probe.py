@@ -31,6 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .batches import input_of
 from .errors import ConvsepError, ConvsepTypeError, InputShapeError, error_summary
 from .layers import _SeparableConvNd
 from .trace import CONV_ARG_NAMES, FUNCTIONAL_CONV_DIMS
@@ -156,12 +157,13 @@ def probe(
         call.order = next(order)
         result.calls.setdefault(key, []).append(call)
 
-    def shape_hook(module, inputs, output):
-        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
-            record(id(module), Call(tuple(inputs[0].shape), tuple(output.shape), 0))
+    def shape_hook(module, args, kwargs, output):
+        x = input_of(args, kwargs)
+        if isinstance(x, Tensor) and isinstance(output, Tensor):
+            record(id(module), Call(tuple(x.shape), tuple(output.shape), 0))
 
     watched = {id(w) for w in weights}
-    handles = [m.register_forward_hook(shape_hook) for m in {id(m): m for m in modules}.values()]
+    handles = [m.register_forward_hook(shape_hook, with_kwargs=True) for m in {id(m): m for m in modules}.values()]
     tracker = _Tracker(model)
 
     def record_functional(conv: dict[str, Any], output: Tensor) -> None:

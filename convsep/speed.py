@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .batches import input_of
 from .probe import cannot_run, eval_mode
 
 
@@ -43,11 +44,11 @@ def layer_inputs(model: nn.Module, layers: Sequence[nn.Module], args: tuple) -> 
     """A random tensor shaped (and strided) like the first input each layer receives on `args`."""
     seen: dict[int, Tensor] = {}
 
-    def hook(module, inputs):
+    def hook(module, args, kwargs):
         if id(module) not in seen:
-            seen[id(module)] = torch.empty_like(inputs[0]).normal_()
+            seen[id(module)] = torch.empty_like(input_of(args, kwargs)).normal_()
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     try:
         with eval_mode(model), torch.no_grad():
             model(*args)

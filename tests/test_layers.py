@@ -283,3 +283,31 @@ def test_a_conv_called_with_its_input_by_keyword_still_runs_after_conversion():
     model, x = ByKeyword().eval(), torch.randn(1, 3, 8, 8)
     converted = convsep.convert(model, rank="full")
     torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"init": "activation", "calibration_data": [torch.randn(4, 3, 8, 8)], "refit": False},
+    {"budget": 0.7, "calibration_data": [torch.randn(4, 3, 8, 8)]},
+    {"objective": "latency"},
+], ids=["whitened", "refit_aware_budget", "latency"])  # fmt: skip
+def test_a_conv_called_with_its_input_by_keyword_converts_with_data_and_timings(kwargs):
+    """The statistics pass and the latency probe read a layer's input whether it comes positionally or as input=."""
+
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(input=self.stem(input=x))
+
+    torch.manual_seed(0)
+    model = ByKeyword().eval()
+    ranks = {} if "budget" in kwargs else {"rank": 1}
+    plan = convsep.convert(model, example_inputs=torch.randn(1, 3, 8, 8), **ranks, **kwargs).convsep_plan
+    if "init" in kwargs:
+        assert len(plan.converted) == 2 and all(d.whitening == "activation" for d in plan.converted)
+    if "budget" in kwargs:
+        assert plan.converted and all(d.predicted_refit_error is not None for d in plan.converted)
+    if "objective" in kwargs:  # each layer timed on its input: converted, or kept with both timings
+        assert all(d.converted or d.reason.startswith("kept for speed") for d in plan.layers)
