@@ -39,7 +39,7 @@ from .errors import ConvsepTypeError, ConvsepValueError
 from .kept import KeptLayer, kept_layers
 from .layers import _SeparableConvNd
 from .least_squares import LayerStats, fit, relative_error
-from .model_runs import OriginalOutputs, every_call, forward, pair_inputs, run_order
+from .model_runs import OriginalOutputs, every_call, forward, outputs_budget, pair_inputs, run_order
 from .plan import LayerDecision, plan_of
 from .probe import eval_mode
 from .progress import progress_bar
@@ -169,7 +169,8 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
             return math.nan
         return float((output - y).square().sum(dtype=torch.float64))
 
-    originals = OriginalOutputs(original, [(every[i].original, calls) for i, calls in order], source, source.count, initial_error)
+    sites = [(every[index].original, calls) for index, calls in order]
+    originals = OriginalOutputs(original, sites, source, source.count, initial_error, outputs_budget(source.device))
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
     results = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from .batches import as_args, input_of
@@ -128,6 +129,15 @@ def pair_inputs(converted: nn.Module, pair: nn.Module, inputs: Any, expected: in
     finally:
         handle.remove()
     return seen
+
+
+def outputs_budget(device: torch.device) -> int:
+    """Bytes OriginalOutputs may keep on `device`: ORIGINAL_OUTPUTS_BYTES, and on a GPU at most a quarter of what is
+    free there (the models and the pairs' sums need the rest)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return min(ORIGINAL_OUTPUTS_BYTES, free // 4)
+    return ORIGINAL_OUTPUTS_BYTES
 
 
 class OriginalOutputs:

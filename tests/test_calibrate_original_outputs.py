@@ -83,3 +83,11 @@ def test_a_layer_whose_outputs_alone_exceed_the_budget_is_streamed():
     streamed = outputs.stream(0, data[0], "batch 1")
     with torch.no_grad():
         assert len(streamed) == 1 and torch.equal(streamed[0][0], model(data[0]))
+
+
+def test_on_a_gpu_the_outputs_kept_are_at_most_a_quarter_of_its_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_000_000, 16_000_000))
+    assert convsep.model_runs.outputs_budget(torch.device("cuda", 0)) == 1_000_000
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 40, 1 << 41))
+    assert convsep.model_runs.outputs_budget(torch.device("cuda", 0)) == convsep.model_runs.ORIGINAL_OUTPUTS_BYTES
+    assert convsep.model_runs.outputs_budget(torch.device("cpu")) == convsep.model_runs.ORIGINAL_OUTPUTS_BYTES
