@@ -35,7 +35,7 @@ from . import distributed
 from .batches import rereadable, split_batch
 from .devices import device_of, on_device, parse_device, to_device
 from .eager import require_eager
-from .errors import ConvsepTypeError, ConvsepValueError
+from .errors import ConvsepTypeError, ConvsepValueError, error_summary
 from .kept import KeptLayer, kept_layers
 from .layers import _SeparableConvNd
 from .least_squares import LayerStats, fit, relative_error
@@ -164,13 +164,19 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
         layer = every[order[position][0]]
         if layer.decision is None:
             return None
-        output = layer.pair(x)
+        try:  # within the original's forward: the pair's own failure must not read as the original's
+            output = layer.pair(x)
+        except Exception as error:
+            raise ConvsepValueError(
+                f"layer {layer.name!r}: its pair cannot run on the original layer's input {tuple(x.shape)}: "
+                f"{error_summary(error)}"
+            ) from error
         if output.shape != y.shape:  # stats.add, which sees it first, says what does not match
             return math.nan
         return float((output - y).square().sum(dtype=torch.float64))
 
     sites = [(every[index].original, calls) for index, calls in order]
-    originals = OriginalOutputs(original, sites, source, source.count, initial_error, outputs_budget(source.device))
+    originals = OriginalOutputs(original, sites, source, initial_error, outputs_budget(source.device))
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
     results = {}
@@ -261,10 +267,10 @@ def _accumulate_in_converted(stats, layer, calls, originals, position, converted
     """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs
     (OriginalOutputs: gathered for several layers at once, or the original's prefix run here for this one)."""
     with distributed.together():
-        cached = originals.take(position, layer.name)
+        originals.begin(position, layer.name)
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.name!r})"
-            seen = originals.stream(position, inputs, where) if cached is None else cached[index - 1]
+            seen = originals.outputs(index, inputs, where)
             sources = pair_inputs(converted, layer.module, inputs, calls, where)
             if len(seen) != len(sources):
                 raise ConvsepValueError(

@@ -39,7 +39,7 @@ from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error
 from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
-from .plan import PLAN_ATTRIBUTE, ConversionPlan, LayerDecision, plan_of
+from .plan import ConversionPlan, LayerDecision, attach_plan, plan_of
 from .probe import example_args, probe
 from .ranks import RankOverrides, RankSpec, resolve_rank, validate_budget, validate_rank
 from .report import report
@@ -271,7 +271,7 @@ def convert(
         parametrized=parametrized,
         activations=statistics,
     )
-    setattr(work, PLAN_ATTRIBUTE, plan)
+    attach_plan(work, plan)
     log.info("%s", plan.summary())
     if calibration_data is not None and refit:
         work = calibrate(
@@ -310,7 +310,7 @@ def rebuild(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         candidate.decision = recorded
         chosen.append(candidate)
     work = _apply(work, chosen, found, init="random")
-    setattr(work, PLAN_ATTRIBUTE, plan)
+    attach_plan(work, plan)
     return work
 
 

@@ -12,6 +12,7 @@ not fit is streamed as before, so memory stays bounded whatever the data.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from .batches import as_args, input_of
 from .errors import ConvsepError
 from .probe import ConvCalls, cannot_run
+
+log = logging.getLogger(__name__)
 
 # Bytes of the original's outputs kept at once (on the models' device) for in-order calibration.
 ORIGINAL_OUTPUTS_BYTES = 1 << 30
@@ -144,75 +147,108 @@ class OriginalOutputs:
     """The original model's outputs at each fitted layer on every batch, for the layers in `order` (sites and calls
     per batch), gathered for as many upcoming layers as fit in `budget` bytes by one forward per batch.
 
-    take(position) gives, per batch, per call: (output, initial_error(position, input, output)), computed when the
-    output is seen (the original's input to the layer is not kept); or None when the layer's outputs alone do not
-    fit: then stream(position, batch) runs the original's prefix on each batch, as the layer is fitted. Each window
-    is gathered from the layer asked for on, so call take in order.
+    begin(position, name) readies a layer (gathering a new window from it if it is not in one); outputs(batch number,
+    inputs, where) then gives that batch's (output, initial_error(position, input, output)) per call, the initial
+    error computed when the output is seen (the original's input to the layer is not kept). A layer whose outputs
+    alone do not fit is streamed: the original's prefix runs on each batch as the layer is fitted. So is every layer
+    once a pass over the data gave other batches than the pass that gathered them (a shuffling loader): each batch's
+    inputs are checked against what was gathered. Call begin in order.
     """
 
-    def __init__(self, original: nn.Module, order: list[tuple[Site, int]], batches: Iterable[Any], count: Optional[int],
+    def __init__(self, original: nn.Module, order: list[tuple[Site, int]], batches: Iterable[Any],
                  initial_error: InitialError, budget: Optional[int] = None) -> None:  # fmt: skip
-        self.original, self.order, self.batches, self.count = original, order, batches, count
+        self.original, self.order, self.batches = original, order, batches
         self.initial_error = initial_error
         self.budget = ORIGINAL_OUTPUTS_BYTES if budget is None else budget
-        self.cached: dict[int, list[list[tuple[Tensor, Optional[float]]]]] = {}
+        self.cached: dict[int, list[tuple[tuple, list[tuple[Tensor, Optional[float]]]]]] = {}  # (fingerprint, seen)
         self.covered = 0  # positions before this one were gathered (or streamed)
+        self.position, self.current, self.end = 0, None, 0
 
-    def take(self, position: int, name: str) -> Optional[list[list[tuple[Tensor, Optional[float]]]]]:
-        """The outputs at `position` on every batch; `name` is the layer being fitted, for error messages."""
+    def begin(self, position: int, name: str) -> None:
         if position >= self.covered and self.budget <= 0:  # nothing is kept: every layer streams
             self.covered = position + 1
         elif position >= self.covered:
             self._gather(position, name)
-        return self.cached.pop(position, None)
+        self.position, self.current = position, self.cached.pop(position, None)
 
-    def stream(self, position: int, inputs: Any, where: str) -> list[tuple[Tensor, Optional[float]]]:
-        """One batch's (output, initial error) per call at a layer take() left out: a forward of the original's prefix."""
-        site, calls = self.order[position]
+    def outputs(self, index: int, inputs: Any, where: str) -> list[tuple[Tensor, Optional[float]]]:
+        """Batch `index`'s (output, initial error) per call at the layer begin() readied."""
+        if self.current is not None:
+            if index <= len(self.current) and self.current[index - 1][0] == fingerprint(inputs):
+                return self.current[index - 1][1]
+            log.info("%s: the data gave other batches than on the pass before (shuffled?): the original's outputs "
+                     "are computed layer by layer from here on", where)  # fmt: skip
+            self.current, self.budget = None, 0
+            self.cached.clear()
+            self.covered = self.position + 1
+        site, calls = self.order[self.position]
         return [
-            (y, self.initial_error(position, x, y))
+            (y, self.initial_error(self.position, x, y))
             for x, y in original_calls(self.original, site, inputs, calls, where)
         ]
 
+    def _count(self) -> Optional[int]:
+        """Batches per pass, once known (calibrate's batches know it after their first pass)."""
+        count = getattr(self.batches, "count", None)
+        if isinstance(count, int):
+            return count
+        return len(self.batches) if hasattr(self.batches, "__len__") else None
+
     def _gather(self, start: int, name: str) -> None:
         """Every batch's outputs at the layers from `start` on, as many as fit; at least `start` is decided."""
-        end = len(self.order)  # the window is [start, end): it shrinks from the end while its outputs do not fit
-        stored: dict[int, list] = {position: [] for position in range(start, end)}
-        sizes = dict.fromkeys(range(start, end), 0)  # bytes kept per layer
+        self.end = len(self.order)  # the window is [start, end): _one_batch shrinks it to what fits
+        stored: dict[int, list] = {position: [] for position in range(start, self.end)}
+        sizes = dict.fromkeys(range(start, self.end), 0)  # bytes kept per layer
+        count = self._count()
         for index, inputs in enumerate(self.batches, 1):
+            scale = max(1.0, (count or index) / index)  # bytes so far, projected over every batch (as far as known)
             where = f"calibration batch {index} (calibrating {name!r})"
-            seen = self._one_batch(start, end, inputs, where)
-            for position in range(start, end):
-                stored[position].append(seen[position])
+            seen = self._one_batch(start, inputs, where, sizes, scale)
+            for position in [p for p in stored if p >= self.end]:
+                del stored[position], sizes[position]
+            key = fingerprint(inputs)
+            for position in stored:
+                stored[position].append((key, seen[position]))
                 sizes[position] += sum(output.numel() * output.element_size() for output, _ in seen[position])
-            # Projected over all batches (as far as known): drop the last layers until the rest fits.
-            scale = max(1.0, (self.count or index) / index)
-            while end - start > 1 and scale * sum(sizes[p] for p in range(start, end)) > self.budget:
-                end -= 1
-                del stored[end], sizes[end]
             if scale * sizes[start] > self.budget:  # one layer alone does not fit: stream it
                 self.covered = start + 1
                 return
         self.cached.update(stored)
-        self.covered = end
+        self.covered = self.end
 
-    def _one_batch(self, start: int, end: int, inputs: Any, where: str) -> dict[int, list]:
-        seen: dict[int, list] = {position: [] for position in range(start, end)}
-        missing = [sum(calls for _, calls in self.order[start:end])]
+    def _one_batch(self, start: int, inputs: Any, where: str, sizes: dict[int, int], scale: float) -> dict[int, list]:
+        """One forward of the original, keeping the outputs at positions [start, self.end): the window ends before
+        the first layer whose outputs would take the kept bytes, projected over every batch, past the budget."""
+        seen: dict[int, list] = {position: [] for position in range(start, self.end)}
+        held = [scale * sum(sizes.values())]
+
+        def missing() -> bool:
+            return any(len(seen[p]) < self.order[p][1] for p in range(start, self.end))
 
         def keep(index: int, x: Tensor, output: Tensor) -> None:
             position = start + index
-            if len(seen[position]) == self.order[position][1]:
-                return  # a call beyond those the converted model makes: not fitted
+            if position >= self.end or len(seen[position]) == self.order[position][1]:
+                return  # past the window, or a call beyond those the converted model makes (not fitted)
+            added = scale * output.numel() * output.element_size()
+            if position > start and held[0] + added > self.budget:
+                self.end = position  # this layer and those after it: a later window
+                if not missing():
+                    raise StopForward
+                return
+            held[0] += added
             # A copy: the forward goes on, and an in-place op after the layer would change its output.
             seen[position].append((output.detach().clone(), self.initial_error(position, x, output)))
-            missing[0] -= 1
-            if not missing[0]:
+            if not missing():
                 raise StopForward
 
         try:
-            with every_call([site for site, _ in self.order[start:end]], keep):
+            with every_call([site for site, _ in self.order[start : self.end]], keep):
                 forward(self.original, inputs, where, "original model")
         except StopForward:
             pass
         return seen
+
+
+def fingerprint(inputs: Any) -> tuple:
+    """What tells one batch from another cheaply: each input tensor's shape and float64 sum."""
+    return tuple((tuple(t.shape), float(t.sum(dtype=torch.float64))) for t in as_args(inputs) if isinstance(t, Tensor))

@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import nn
+from torch import fx, nn
 
 PLAN_ATTRIBUTE = "convsep_plan"
+_FX_PRESERVED = "_user_preserved_attributes"  # torch.fx.graph_module: what GraphModule.__deepcopy__ sets again
 
 
 @dataclass
@@ -95,6 +96,14 @@ class ConversionPlan:
         for name, why in self.untraceable.items():
             lines.append(f"  fx could not trace {name}: {why}")
         return "\n".join(lines)
+
+
+def attach_plan(model: nn.Module, plan: ConversionPlan) -> None:
+    """model.convsep_plan = plan; for an fx GraphModule also in the attributes its deepcopy keeps (it rebuilds the
+    module from its graph and would drop the plan: copy.deepcopy(converted) could then not be calibrated or saved)."""
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    if isinstance(model, fx.GraphModule):
+        model.meta.setdefault(_FX_PRESERVED, {})[PLAN_ATTRIBUTE] = plan
 
 
 def plan_of(model: nn.Module) -> Optional[ConversionPlan]:

@@ -2,7 +2,6 @@
 same fits as running the original's prefix again for every layer, with one forward of the original per batch and
 window of layers, and never more than the memory budget allows."""
 
-import copy
 
 import pytest
 import torch
@@ -76,13 +75,73 @@ def test_a_window_holds_as_many_layers_as_the_budget_allows(monkeypatch, budget,
 
 def test_a_layer_whose_outputs_alone_exceed_the_budget_is_streamed():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
-    order = [(model[0], 1)]
     data = _data()
-    outputs = convsep.model_runs.OriginalOutputs(model, order, data, len(data), lambda *_: None, budget=1000)
-    assert outputs.take(0, "0") is None
-    streamed = outputs.stream(0, data[0], "batch 1")
+    outputs = convsep.model_runs.OriginalOutputs(model, [(model[0], 1)], data, lambda *_: None, budget=1000)
+    outputs.begin(0, "0")
+    assert outputs.current is None
+    streamed = outputs.outputs(1, data[0], "batch 1")
     with torch.no_grad():
         assert len(streamed) == 1 and torch.equal(streamed[0][0], model(data[0]))
+
+
+def test_a_window_stops_keeping_outputs_within_the_first_batch_once_the_budget_is_reached():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(6)]).eval()
+    data = [torch.randn(2, 8, 4, 4) for _ in range(4)]  # each conv's outputs: 4 x 2 x 8 x 4 x 4 floats = 4,096 bytes
+    kept = []
+    order = [(conv, 1) for conv in model]
+    outputs = convsep.model_runs.OriginalOutputs(model, order, data, lambda position, *_: kept.append(position), 8192)
+    outputs.begin(0, "0")
+    assert sorted(kept) == [0] * 4 + [1] * 4  # two layers' outputs, projected over the 4 batches, from the first
+    assert outputs.end == 2 and len(outputs.current) == 4
+
+
+class Shuffled:
+    """Calibration data that comes in another order on every pass, like a DataLoader with shuffle=True."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.passes))
+        return iter([self.batches[i] for i in order])
+
+
+def test_data_that_comes_in_another_order_on_each_pass_is_fitted_as_in_a_fixed_order():
+    torch.manual_seed(0)
+    model = Shared().eval()
+    fixed = convsep.calibrate(convsep.convert(model, rank=1), model, _data(), refit_kept=True)
+    shuffled = convsep.calibrate(convsep.convert(model, rank=1), model, Shuffled(_data()), refit_kept=True)
+    for name, value in fixed.state_dict().items():  # the same sums, added in another order
+        torch.testing.assert_close(shuffled.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pair_that_cannot_run_on_the_original_layers_input_is_named(monkeypatch):
+    torch.manual_seed(0)
+    model = Shared().eval()
+    converted = convsep.convert(model, rank=1)
+
+    (functional,) = [d for d in converted.convsep_plan.converted if d.kind.startswith("F.")]
+    pair, calls = converted.get_submodule(functional.module), []
+    working = pair.forward
+
+    def broken(x):  # runs in the pass that finds the layers' order, then fails
+        calls.append(x.shape)
+        if len(calls) > 1:
+            raise RuntimeError("expected all tensors to be on the same device")
+        return working(x)
+
+    # The last layer, called once: after that first pass, only its initial error runs it (the fits stop before it).
+    monkeypatch.setattr(pair, "forward", broken)
+    with pytest.raises(convsep.ConvsepValueError) as info:
+        convsep.calibrate(converted, model, _data())
+    assert str(info.value).startswith(
+        "layer 'weight': its pair cannot run on the original layer's input (6, 8, 8, 8): RuntimeError: expected all"
+    )
 
 
 def test_on_a_gpu_the_outputs_kept_are_at_most_a_quarter_of_its_free_memory(monkeypatch):

@@ -1,5 +1,7 @@
 """Functional convolutions (F.conv2d(x, self.weight, ...) in forward): which are converted, which kept and why."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from helpers import relative_error
@@ -111,3 +113,25 @@ def test_include_and_exclude_see_a_functional_conv_as_a_conv_module():
         ("grouped", True, ""),
         ("head", False, "excluded by 'head'"),
     ]
+
+
+def test_a_deep_copy_of_a_model_converted_through_fx_keeps_its_plan_and_calibrates():
+    """A model with a functional conv comes back as an fx GraphModule, whose deepcopy rebuilds it from its graph."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, padding=1)
+
+    torch.manual_seed(0)
+    model = Functional().eval()
+    converted = convsep.convert(model, rank=1)
+    assert isinstance(converted, torch.fx.GraphModule)
+    copied = copy.deepcopy(converted)
+    assert copied.convsep_plan == converted.convsep_plan and copied.convsep_plan is not converted.convsep_plan
+    calibrated = convsep.calibrate(copied, model, [torch.randn(4, 3, 8, 8)])
+    assert calibrated.convsep_plan.calibration["layers"]["weight"]["after"] < 1
+    assert converted.convsep_plan.calibration is None  # the original conversion untouched
