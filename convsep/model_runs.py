@@ -36,7 +36,7 @@ class StopForward(Exception):
     """Raised from a hook to end a forward pass once it has shown what was needed."""
 
 
-def forward(model: nn.Module, inputs: Any, where: str, who: str = "model") -> None:
+def forward(model: nn.Module, inputs: Any, where: str, who: str) -> None:
     """model(*inputs), with a clear InputShapeError when the model cannot take them."""
     args = as_args(inputs)
     try:
@@ -156,10 +156,10 @@ class OriginalOutputs:
     """
 
     def __init__(self, original: nn.Module, order: list[tuple[Site, int]], batches: Iterable[Any],
-                 initial_error: InitialError, budget: Optional[int] = None) -> None:  # fmt: skip
+                 initial_error: InitialError, budget: int) -> None:  # fmt: skip
         self.original, self.order, self.batches = original, order, batches
         self.initial_error = initial_error
-        self.budget = ORIGINAL_OUTPUTS_BYTES if budget is None else budget
+        self.budget = budget  # outputs_budget(device)
         self.cached: dict[int, list[tuple[tuple, list[tuple[Tensor, Optional[float]]]]]] = {}  # (fingerprint, seen)
         self.covered = 0  # positions before this one were gathered (or streamed)
         self.position, self.current, self.end = 0, None, 0

@@ -2,7 +2,6 @@
 same fits as running the original's prefix again for every layer, with one forward of the original per batch and
 window of layers, and never more than the memory budget allows."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,7 +75,7 @@ def test_a_window_holds_as_many_layers_as_the_budget_allows(monkeypatch, budget,
 def test_a_layer_whose_outputs_alone_exceed_the_budget_is_streamed():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
     data = _data()
-    outputs = convsep.model_runs.OriginalOutputs(model, [(model[0], 1)], data, lambda *_: None, budget=1000)
+    outputs = convsep.model_runs.OriginalOutputs(model, [(model[0], 1)], data, lambda *_: None, 1000)
     outputs.begin(0, "0")
     assert outputs.current is None
     streamed = outputs.outputs(1, data[0], "batch 1")
@@ -145,8 +144,97 @@ def test_a_pair_that_cannot_run_on_the_original_layers_input_is_named(monkeypatc
 
 
 def test_on_a_gpu_the_outputs_kept_are_at_most_a_quarter_of_its_free_memory(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4_000_000, 16_000_000))
-    assert convsep.model_runs.outputs_budget(torch.device("cuda", 0)) == 1_000_000
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (4_000_001, 16 << 20))
+    budget = convsep.model_runs.outputs_budget(torch.device("cuda", 1))
+    assert budget == 1_000_000 and isinstance(budget, int) and asked == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 40, 1 << 41))
     assert convsep.model_runs.outputs_budget(torch.device("cuda", 0)) == convsep.model_runs.ORIGINAL_OUTPUTS_BYTES
     assert convsep.model_runs.outputs_budget(torch.device("cpu")) == convsep.model_runs.ORIGINAL_OUTPUTS_BYTES
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["kept", "streamed"])
+def test_the_original_runs_only_as_far_as_the_layers_being_fitted(monkeypatch, budget):
+    torch.manual_seed(0)
+    model = Shared().eval()
+    converted = convsep.convert(model, rank=1)
+    monkeypatch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+    heads = []
+    model.head.register_forward_pre_hook(lambda *_: heads.append(1))
+    convsep.calibrate(converted, model, _data())
+    assert heads == []  # the head runs after the last pair: no forward of the original gets there
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["kept", "streamed"])
+def test_a_batch_the_original_cannot_take_is_named_with_the_layer_being_fitted(monkeypatch, budget):
+    torch.manual_seed(0)
+    model = Shared().eval()
+    converted = convsep.convert(model, rank=1)
+    monkeypatch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+    data = _data()
+    data[1] = torch.randn(6, 5, 8, 8)  # five channels for a stem that takes three
+    with pytest.raises(convsep.InputShapeError) as info:
+        convsep.calibrate(converted, model, data)
+    assert str(info.value).startswith("calibration batch 2 (calibrating 'stem'): the original model cannot run on")
+
+
+def test_data_that_changes_between_passes_is_said_once_and_streamed_from_then_on(caplog):
+    torch.manual_seed(0)
+    model = Shared().eval()
+    with caplog.at_level("INFO", logger="convsep.model_runs"):
+        convsep.calibrate(convsep.convert(model, rank=1), model, Shuffled(_data()))
+    said = [r.getMessage() for r in caplog.records if r.name == "convsep.model_runs"]
+    assert len(said) == 1 and said[0].endswith(
+        "the data gave other batches than on the pass before (shuffled?): the original's outputs are computed "
+        "layer by layer from here on"
+    )
+
+
+class Batches:
+    """Re-iterable batches with a length and nothing else (no `count`)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _walk(model, order, data, budget):
+    """Every layer of `order` through OriginalOutputs, as calibration does: (original forwards, bytes kept at most)."""
+    forwards, kept = [], []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    outputs = convsep.model_runs.OriginalOutputs(model, order, data, lambda *_: None, budget)
+    for position in range(len(order)):
+        outputs.begin(position, str(position))
+        held = [outputs.current] + list(outputs.cached.values())
+        kept.append(sum(y.numel() * y.element_size() for layer in held if layer for _, seen in layer for y, _ in seen))
+        for index, x in enumerate(data, 1):
+            outputs.outputs(index, x, f"batch {index}")
+    return len(forwards), max(kept)
+
+
+def test_after_a_layer_too_large_to_keep_the_next_window_starts_right_after_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 8, 3, padding=1),
+                          *[nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]).eval()  # fmt: skip
+    data = Batches(
+        [torch.randn(2, 8, 4, 4) for _ in range(4)]
+    )  # 8 channels: 4,096 bytes over the 4 batches; 64: 32,768
+    with torch.no_grad():
+        forwards, kept = _walk(model, [(conv, 1) for conv in model], data, 16_384)
+    # conv 0 alone (4); conv 1 tried (1) and streamed (4); convs 2-5 in one window (4)
+    assert forwards == 4 + 1 + 4 + 4 and kept <= 16_384
+
+
+def test_a_window_shrinks_when_later_batches_are_larger_than_the_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(6)]).eval()
+    data = [torch.randn(n, 8, 4, 4) for n in (1,) * 7 + (5,)]  # the first batch promises 8 x 512 bytes per layer
+    with torch.no_grad():
+        forwards, kept = _walk(model, [(conv, 1) for conv in model], data, 8_192)
+    # 6,144 bytes per layer in all: one layer at a time, not the two the first batch allowed
+    assert kept <= 8_192 and forwards == 6 * 8
