@@ -178,16 +178,54 @@ def test_a_batch_the_original_cannot_take_is_named_with_the_layer_being_fitted(m
     assert str(info.value).startswith("calibration batch 2 (calibrating 'stem'): the original model cannot run on")
 
 
+class Alternating(Shuffled):
+    """Batches in their order on odd passes, reversed on even ones."""
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes % 2 else self.batches[::-1])
+
+
 def test_data_that_changes_between_passes_is_said_once_and_streamed_from_then_on(caplog):
     torch.manual_seed(0)
     model = Shared().eval()
+    converted = convsep.convert(model, rank=1)
+    forwards = _original_forwards(model)
     with caplog.at_level("INFO", logger="convsep.model_runs"):
-        convsep.calibrate(convsep.convert(model, rank=1), model, Shuffled(_data()))
+        convsep.calibrate(converted, model, Alternating(_data()))
     said = [r.getMessage() for r in caplog.records if r.name == "convsep.model_runs"]
-    assert len(said) == 1 and said[0].endswith(
-        "the data gave other batches than on the pass before (shuffled?): the original's outputs are computed "
-        "layer by layer from here on"
+    assert len(said) == 1 and said[0] == (
+        "calibration batch 1 (calibrating 'stem'): the data gave other batches than on the pass before (shuffled?): "
+        "the original's outputs are computed layer by layer from here on"
     )
+    # Pass 1 finds the order, pass 2 gathers the three layers (4 forwards), pass 3 (reversed) misses at batch 1:
+    # stem streams its 4 batches, and so do the two layers after it, with no window tried again.
+    assert len(forwards) == 4 + 4 + 4 + 4
+
+
+def test_a_window_cut_between_two_calls_of_a_shared_layer_still_gets_both():
+    class AroundOthers(nn.Module):
+        """conv1 runs, then conv2 and conv3, then conv1 again: cutting the window at conv2 leaves a call to come."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+            self.conv3 = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv1(self.conv3(self.conv2(self.conv1(x))))
+
+    torch.manual_seed(0)
+    model = AroundOthers().eval()
+    data = [torch.randn(6, 8, 8, 8) for _ in range(4)]  # conv1's outputs: 49,152 bytes per call, conv2's twice that
+    fitted = {}
+    for budget in (100_000, 0):  # conv1's two calls fit, conv2 does not; nothing kept
+        converted = convsep.convert(model, rank=1)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+            fitted[budget] = convsep.calibrate(converted, model, data).state_dict()
+    for name, value in fitted[0].items():
+        assert torch.equal(fitted[100_000][name], value), name
 
 
 class Batches:
