@@ -39,11 +39,17 @@ def _original_forwards(model):
     return calls
 
 
-def _calibrate(monkeypatch, budget, **kwargs):
+def _converted(monkeypatch, budget):
+    """Shared and its rank-1 conversion, with at most `budget` bytes of the original's outputs kept."""
     torch.manual_seed(0)
     model = Shared().eval()
     converted = convsep.convert(model, rank=1)
     monkeypatch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+    return model, converted
+
+
+def _calibrate(monkeypatch, budget, **kwargs):
+    model, converted = _converted(monkeypatch, budget)
     forwards = _original_forwards(model)
     calibrated = convsep.calibrate(converted, model, _data(), **kwargs)
     return calibrated, len(forwards)
@@ -155,10 +161,7 @@ def test_on_a_gpu_the_outputs_kept_are_at_most_a_quarter_of_its_free_memory(monk
 
 @pytest.mark.parametrize("budget", [1 << 30, 0], ids=["kept", "streamed"])
 def test_the_original_runs_only_as_far_as_the_layers_being_fitted(monkeypatch, budget):
-    torch.manual_seed(0)
-    model = Shared().eval()
-    converted = convsep.convert(model, rank=1)
-    monkeypatch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+    model, converted = _converted(monkeypatch, budget)
     heads = []
     model.head.register_forward_pre_hook(lambda *_: heads.append(1))
     convsep.calibrate(converted, model, _data())
@@ -167,10 +170,7 @@ def test_the_original_runs_only_as_far_as_the_layers_being_fitted(monkeypatch, b
 
 @pytest.mark.parametrize("budget", [1 << 30, 0], ids=["kept", "streamed"])
 def test_a_batch_the_original_cannot_take_is_named_with_the_layer_being_fitted(monkeypatch, budget):
-    torch.manual_seed(0)
-    model = Shared().eval()
-    converted = convsep.convert(model, rank=1)
-    monkeypatch.setattr(convsep.model_runs, "ORIGINAL_OUTPUTS_BYTES", budget)
+    model, converted = _converted(monkeypatch, budget)
     data = _data()
     data[1] = torch.randn(6, 5, 8, 8)  # five channels for a stem that takes three
     with pytest.raises(convsep.InputShapeError) as info:
