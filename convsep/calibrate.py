@@ -77,8 +77,10 @@ def calibrate(
         (the others are pairs in both models), or the model itself, and every pair is calibrated.
     data: an iterable of batches: input tensors, or tuples (inputs, targets, ...) whose
         targets are ignored; inputs may be a tuple of tensors for models with several inputs.
-        It is iterated once per converted layer; a one-shot iterator (a generator) is read
-        once and kept in memory (bound it with `batches`).
+        It is iterated once per converted layer (in order, once more per group of layers whose
+        original outputs are kept: model_runs.py); a one-shot iterator (a generator) is read
+        once and kept in memory (bound it with `batches`). Data that comes in another order
+        on each pass (shuffle=True) is fitted correctly, without that saving.
     batches: use at most this many batches (default: all).
     ridge: strength of the pull towards the current weights, relative to the mean diagonal
         of each least-squares system (default 1e-3).
