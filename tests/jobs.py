@@ -125,6 +125,47 @@ def finetune_sharded(folder: str) -> None:
     save(folder, {"state": student.state_dict()})
 
 
+class _Killed(Exception):
+    """What the data raises to stand for a job killed mid-run."""
+
+
+class _DiesAfter:
+    """Re-iterable batches that raise _Killed when asked for batch number `limit + 1` over all passes."""
+
+    def __init__(self, data: list, limit: int) -> None:
+        self.data, self.left = data, limit
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            if self.left == 0:
+                raise _Killed
+            self.left -= 1
+            yield batch
+
+
+def finetune_sharded_killed_then_resumed(folder: str) -> None:
+    """finetune_sharded, killed on both ranks in its second epoch after a checkpoint at step 2 of it (steps of 3
+    per epoch, save_every=5), then resumed in the same processes from the file rank 0 wrote."""
+    state = Path(folder) / "state.pt"
+    student, teacher = _student_and_teacher()
+    try:
+        convsep.finetune(student, _DiesAfter(shard(batches(6)), 5), teacher=teacher, epochs=2, lr=1e-2,
+                         verbose=False, save_state=state, save_every=5)  # fmt: skip
+    except _Killed:
+        pass
+    else:
+        raise AssertionError("the run was not killed")
+    student, teacher = _student_and_teacher()
+    with torch.no_grad():  # what the state holds must win: weights, optimiser, schedule, position, generators
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    convsep.finetune(student, shard(batches(6)), teacher=teacher, epochs=2, lr=1e-2, verbose=False, resume=state)
+    save(folder, {"state": student.state_dict()})
+
+
 def finetune_different_models(folder: str) -> None:
     """Rank 1 was handed another conversion of the teacher: no process may train."""
     teacher = net()

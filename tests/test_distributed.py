@@ -132,6 +132,15 @@ def test_data_parallel_finetuning_equals_one_process_on_the_global_batches(tmp_p
     assert relative_error(states[0]["0.pointwise.weight"], untrained.state_dict()["0.pointwise.weight"]) > 1e-3
 
 
+def test_a_sharded_run_killed_and_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_path):
+    (tmp_path / "whole").mkdir(), (tmp_path / "resumed").mkdir()
+    succeeded(run_ranks("finetune_sharded", tmp_path / "whole"))
+    succeeded(run_ranks("finetune_sharded_killed_then_resumed", tmp_path / "resumed"))
+    whole, resumed = _results(tmp_path / "whole"), _results(tmp_path / "resumed")
+    _assert_bitwise_same([r["state"] for r in resumed] + [whole[0]["state"]])
+    assert (tmp_path / "resumed" / "state.pt").exists()
+
+
 def test_validation_keeps_the_same_best_state_on_every_rank_as_one_process(tmp_path):
     succeeded(run_ranks("finetune_validated", tmp_path))
     results = _results(tmp_path)
