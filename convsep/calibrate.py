@@ -9,9 +9,10 @@ Layers are fitted one after the other in the order the model runs them, so that 
 do not pile up: each pair is fitted on its inputs in the converted model (with the
 pairs before it already calibrated), against the original layer's outputs on the
 original model's inputs to that layer. No labels are needed. That costs a partial forward
-of both models per layer and batch; `sequential=False` fits every pair at once on its
-inputs in the original model instead: one forward of the original per batch, but the pairs
-no longer make up for the errors of the ones before them.
+of the converted model per layer and batch, and of the original one per batch and group of
+layers whose outputs fit in memory (model_runs.py); `sequential=False` fits every pair at once
+on its inputs in the original model instead: one forward of the original per batch, but the
+pairs no longer make up for the errors of the ones before them.
 
 Under torchrun each process passes its own shard of the batches: the sums of every layer are
 added up over the processes before its solve, and rank 0's solution is broadcast, so every
@@ -88,7 +89,7 @@ def calibrate(
         refit). 0 refits only the pointwise weights and biases.
     sequential: fit the pairs one after the other, each on its inputs in the converted model
         with the pairs before it calibrated (the default: errors do not pile up; a partial
-        forward of both models per layer and batch); False fits them all at once on their
+        forward of the converted model per layer and batch); False fits them all at once on their
         inputs in the original model (one forward of the original per batch).
     refit_kept: also refit the layers conversion kept as they were (nn.Linear and standard
         convs, not shared, not parametrized) that run after a converted one, in the same order, on

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--calibrate-at-once", dest="calibration_sequential", action="store_false",
         help="fit every pair at once on its inputs in the original model: one forward pass per batch instead of a "
-        "partial pass of both models per layer (faster on deep models; later pairs no longer make up for earlier ones)",
+        "partial pass of the converted model per layer (faster on deep models; later pairs no longer make up for earlier "
+        "ones)",
     )  # fmt: skip
     convert_parser.add_argument(
         "--calibration-alternate", type=int, default=0, metavar="N",
