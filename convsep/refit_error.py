@@ -51,19 +51,16 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     of `depthwise`), so that channels the data never excites keep it solvable; the ranks asked
     for do not change it, so asking only for the ranks a budget can use changes nothing else.
     """
-    n, m_g = weight.shape[:2]
     k = depthwise.shape[-1]
     blocks, bk = second.shape[:2]
-    b, out = bk // k, n // groups
+    b, out = bk // k, weight.shape[0] // groups
     sigma = second.double()
-    # W restricted to each block's channels and its group's outputs: (M/b, N/g, bK).
-    w = weight.detach().double().reshape(groups, out, m_g // b, bk).transpose(1, 2).reshape(blocks, out, bk)
+    w = _weight_by_block(weight, groups, blocks, bk)
     offset = 0.0
     if bias is not None:  # the refit fits the mean: only the covariance is left to explain
         mu = mean.double().reshape(blocks, bk)
         sigma = torch.baddbmm(sigma, mu.unsqueeze(2), mu.unsqueeze(1), alpha=-1)  # one pass over the (bK)^2 numbers
-        mean_output = (w @ mu.unsqueeze(-1)).reshape(groups, -1, out).sum(1).reshape(-1) + bias.detach().double()
-        offset = float(mean_output.square().sum())
+        offset = _mean_output_energy(w, mu, bias, groups)
     sigma_w = sigma @ w.mT  # (M/b, bK, N/g): Sigma W^T
     energy = float((w.mT * sigma_w).sum()) + offset
     if energy <= 0:
@@ -93,8 +90,7 @@ def refit_errors(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Te
     else:
         half = torch.linalg.solve_triangular(factor, cross, upper=False)  # (blocks, R b, N/g)
         explained = half.square().reshape(blocks, ranks, b, out).sum(dim=(0, 2, 3)).cumsum(0).tolist()
-    # The bias fits the mean part of the output (offset) whatever the rank.
-    return [min(1.0, max(0.0, 1.0 - (e + offset) / energy)) for e in explained]
+    return _shares_lost(explained, offset, energy)
 
 
 def refit_errors_from_samples(weight: Tensor, bias: Tensor | None, groups: int, depthwise: Tensor, rows: Tensor,
@@ -108,23 +104,22 @@ def refit_errors_from_samples(weight: Tensor, bias: Tensor | None, groups: int, 
     ||Y||^2 - lam tr(Y^T (A A^T + lam I)^{-1} Y). A deep 512-channel 3x3 conv sees a few hundred sampled positions
     against 4,096 unknowns at rank 8 (use_samples decides).
     """
-    n, m_g = weight.shape[:2]
-    k, count, out = depthwise.shape[-1], rows.shape[0], n // groups
+    k, count = depthwise.shape[-1], rows.shape[0]
     blocks, bk = rows.shape[1] // (block * k), block * k
     x = rows.double().reshape(count, blocks, bk).transpose(0, 1)  # (M/b, n, bK)
     if ridge <= 0:  # the n-square system may be singular: the moments path has a pseudo-inverse for that
         return _from_moments(weight, bias, groups, depthwise, x, ranks, ridge)
     raw = x
-    w = weight.detach().double().reshape(groups, out, m_g // block, bk).transpose(1, 2).reshape(blocks, out, bk)
+    w = _weight_by_block(weight, groups, blocks, bk)
     offset = 0.0
     if bias is not None:  # as refit_errors: the refit fits the mean, the centred rows are left to explain
-        mu = x.mean(dim=1, keepdim=True)
-        mean_output = (w @ mu.mT).reshape(groups, -1, out).sum(1).reshape(-1) + bias.detach().double()
-        offset = float(mean_output.square().sum())
-        x = x - mu
+        mu = x.mean(dim=1)
+        offset = _mean_output_energy(w, mu, bias, groups)
+        x = x - mu.unsqueeze(1)
     scaled = x / count**0.5
     y = scaled @ w.mT  # (M/b, n, N/g)
-    energy = float(y.square().sum()) + offset
+    total = float(y.square().sum())  # tr(W Sigma W^T)
+    energy = total + offset
     if energy <= 0:
         return [0.0] * ranks
     every = depthwise.double().reshape(blocks, block, -1, k)  # (M/b, b, q, K)
@@ -133,7 +128,7 @@ def refit_errors_from_samples(weight: Tensor, bias: Tensor | None, groups: int, 
     scale = outputs.square().sum(2).mean(dim=(1, 2)).clamp_min(1e-300)  # refit_errors' mean diagonal at full rank
     lam = (ridge * scale)[:, None, None]
     kernel = lam * torch.eye(count, dtype=torch.float64, device=x.device)  # A_r A_r^T + lam I, built filter by filter
-    explained, total = [], float(y.square().sum())
+    explained = []
     for j in range(ranks):
         filters = outputs[..., j]  # (M/b, b, n)
         kernel = kernel + filters.mT @ filters
@@ -142,7 +137,7 @@ def refit_errors_from_samples(weight: Tensor, bias: Tensor | None, groups: int, 
             return _from_moments(weight, bias, groups, depthwise, raw, ranks, ridge)
         half = torch.linalg.solve_triangular(factor, y, upper=False)
         explained.append(total - float((lam * half.square()).sum()))
-    return [min(1.0, max(0.0, 1.0 - (e + offset) / energy)) for e in explained]
+    return _shares_lost(explained, offset, energy)
 
 
 def use_samples(count: int, block: int, kernel: int, outputs_per_group: int, ranks: int) -> bool:
@@ -158,3 +153,21 @@ def _from_moments(weight: Tensor, bias: Tensor | None, groups: int, depthwise: T
                   ridge: float) -> list[float]:  # fmt: skip
     """refit_errors on the moments of the rows x (M/b, n, bK)."""
     return refit_errors(weight, bias, groups, depthwise, x.mT @ x / x.shape[1], x.mean(dim=1).reshape(-1), ranks, ridge)
+
+
+def _weight_by_block(weight: Tensor, groups: int, blocks: int, bk: int) -> Tensor:
+    """W restricted to each block's channels and its group's outputs: (M/b, N/g, bK)."""
+    out = weight.shape[0] // groups
+    return weight.detach().double().reshape(groups, out, blocks // groups, bk).transpose(1, 2).reshape(blocks, out, bk)
+
+
+def _mean_output_energy(w: Tensor, mu: Tensor, bias: Tensor, groups: int) -> float:
+    """||W E[x] + bias||^2: the output's mean part, which the refit's bias fits whatever the rank. mu: (M/b, bK)."""
+    out = w.shape[1]
+    mean_output = (w @ mu.unsqueeze(-1)).reshape(groups, -1, out).sum(1).reshape(-1)
+    return float((mean_output + bias.detach().double()).square().sum())
+
+
+def _shares_lost(explained: list[float], offset: float, energy: float) -> list[float]:
+    """The share of the output energy the refit leaves at each rank (the bias explains the offset at every rank)."""
+    return [min(1.0, max(0.0, 1.0 - (e + offset) / energy)) for e in explained]
