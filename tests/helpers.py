@@ -16,3 +16,24 @@ def assert_bitwise_equal(before: dict[str, torch.Tensor], model: nn.Module) -> N
     assert list(before) == list(after)
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
+
+
+class Killed(Exception):
+    """What the data raises to stand for a job killed mid-run."""
+
+
+class DiesAfter:
+    """`data`, re-iterable, except that taking batch number `limit + 1` (counted over every pass) raises Killed."""
+
+    def __init__(self, data, limit: int) -> None:
+        self.data, self.left = data, limit
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+            yield batch

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 import convsep
+from helpers import DiesAfter, Killed
 
 
 def net() -> nn.Module:
@@ -125,36 +126,15 @@ def finetune_sharded(folder: str) -> None:
     save(folder, {"state": student.state_dict()})
 
 
-class _Killed(Exception):
-    """What the data raises to stand for a job killed mid-run."""
-
-
-class _DiesAfter:
-    """Re-iterable batches that raise _Killed when asked for batch number `limit + 1` over all passes."""
-
-    def __init__(self, data: list, limit: int) -> None:
-        self.data, self.left = data, limit
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self):
-        for batch in self.data:
-            if self.left == 0:
-                raise _Killed
-            self.left -= 1
-            yield batch
-
-
 def finetune_sharded_killed_then_resumed(folder: str) -> None:
     """finetune_sharded, killed on both ranks in its second epoch after a checkpoint at step 2 of it (steps of 3
     per epoch, save_every=5), then resumed in the same processes from the file rank 0 wrote."""
     state = Path(folder) / "state.pt"
     student, teacher = _student_and_teacher()
     try:
-        convsep.finetune(student, _DiesAfter(shard(batches(6)), 5), teacher=teacher, epochs=2, lr=1e-2,
+        convsep.finetune(student, DiesAfter(shard(batches(6)), 5), teacher=teacher, epochs=2, lr=1e-2,
                          verbose=False, save_state=state, save_every=5)  # fmt: skip
-    except _Killed:
+    except Killed:
         pass
     else:
         raise AssertionError("the run was not killed")

@@ -9,7 +9,7 @@ from torch import nn
 
 import convsep
 from convsep.finetune import distillation_loss
-from helpers import assert_bitwise_equal, snapshot
+from helpers import DiesAfter, Killed, assert_bitwise_equal, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -515,27 +515,6 @@ def test_fp16_autocast_needs_cuda_and_unknown_kinds_are_named():
 
 
 # --- training checkpoints and resume -------------------------------------------------------------
-
-
-class Killed(Exception):
-    """What the data raises to stand for a job killed mid-run."""
-
-
-class DiesAfter:
-    """`data`, re-iterable, except that taking batch number `limit + 1` (counted over every pass) raises Killed."""
-
-    def __init__(self, data, limit: int) -> None:
-        self.data, self.left = data, limit
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self):
-        for batch in self.data:
-            if self.left == 0:
-                raise Killed
-            self.left -= 1
-            yield batch
 
 
 def resumable_setup():

@@ -10,15 +10,11 @@ from torch import nn
 
 import convsep
 from convsep import training_state
-from helpers import assert_bitwise_equal, snapshot
+from helpers import Killed, assert_bitwise_equal, snapshot
 
 
 def whole(message: str) -> str:
     return "^" + re.escape(message) + "$"
-
-
-class Killed(Exception):
-    """What the data raises to stand for a job killed mid-run."""
 
 
 class DiesAtTaking:
