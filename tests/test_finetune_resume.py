@@ -10,29 +10,18 @@ from torch import nn
 
 import convsep
 from convsep import training_state
-from helpers import Killed, assert_bitwise_equal, snapshot
+from helpers import DiesAfter, Killed, assert_bitwise_equal, snapshot
 
 
 def whole(message: str) -> str:
     return "^" + re.escape(message) + "$"
 
 
-class DiesAtTaking:
-    """`data`, re-iterable, except that asking for batch number `limit + 1` (counted over every pass, the request
-    that finds an epoch's end included) raises Killed."""
-
-    def __init__(self, data, limit: int) -> None:
-        self.data, self.left = data, limit
-
-    def __len__(self) -> int:
-        return len(self.data)
+class DiesAtTaking(DiesAfter):
+    """DiesAfter, where the request that finds an epoch's end also counts as asking for a batch."""
 
     def __iter__(self):
-        for batch in self.data:
-            if self.left == 0:
-                raise Killed
-            self.left -= 1
-            yield batch
+        yield from super().__iter__()
         if self.left == 0:
             raise Killed
 
