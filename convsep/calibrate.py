@@ -39,7 +39,7 @@ from .eager import require_eager
 from .errors import ConvsepTypeError, ConvsepValueError, error_summary
 from .kept import KeptLayer, kept_layers
 from .layers import _SeparableConvNd
-from .least_squares import LayerStats, fit, relative_error
+from .least_squares import LayerStats, fit, refits_depthwise, relative_error
 from .model_runs import OriginalOutputs, every_call, forward, outputs_budget, pair_inputs, run_order
 from .plan import LayerDecision, plan_of
 from .probe import eval_mode
@@ -190,7 +190,7 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
                 kept_results[layer.name] = _refit_kept(layer, calls, originals, position, converted, source, ridge,
                                                        verbose, progress)  # fmt: skip
                 continue
-            stats = LayerStats(layer.pair, patches=alternate > 0)
+            stats = LayerStats(layer.pair, patches=refits_depthwise(layer.pair, alternate))
             _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
             results[layer.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
     finally:
@@ -230,7 +230,7 @@ def _kept_unknowns(layer) -> int:
 def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> dict:
     """Every pair on its inputs in the original model, from one forward of the original per batch."""
     layers = list({id(layer.pair): layer for layer in layers}.values())  # a shared pair: its last layer, as in order
-    stats = [LayerStats(layer.pair, patches=alternate > 0, on_original_inputs=True) for layer in layers]
+    stats = [LayerStats(layer.pair, patches=refits_depthwise(layer.pair, alternate), on_original_inputs=True) for layer in layers]
     calls = torch.zeros(len(layers), dtype=torch.float64)
 
     def keep(index: int, x: Tensor, y: Tensor) -> None:

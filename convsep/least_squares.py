@@ -213,6 +213,16 @@ def _refit_depthwise(pair: _SeparableConvNd, stats: LayerStats, ridge: float) ->
         pair.depthwise.weight.copy_(solution.reshape(pair.depthwise.weight.shape))
 
 
+def depthwise_unknowns(pair: _SeparableConvNd) -> int:
+    """The unknowns per group of a pair's depthwise refit: its filters' weights."""
+    return pair.in_channels // pair.groups * pair.rank * math.prod(pair.kernel_size)
+
+
+def refits_depthwise(pair: _SeparableConvNd, alternate: int) -> bool:
+    """Whether `fit` will refit the pair's depthwise filters, and so needs the patch sums (the costly ones)."""
+    return alternate > 0 and depthwise_unknowns(pair) <= MAX_DEPTHWISE_UNKNOWNS
+
+
 def fit(pair: _SeparableConvNd, stats: LayerStats, ridge: float, alternate: int, name: str) -> tuple[float, float]:
     """Pointwise refit, then `alternate` rounds of depthwise + pointwise; (error before, error after)."""
     if stats.count == 0:
@@ -223,11 +233,10 @@ def fit(pair: _SeparableConvNd, stats: LayerStats, ridge: float, alternate: int,
             "inf, so its fit would be NaN: the layer was left as it was. Look for NaN/inf in the calibration data"
         )
     before, after = _refit_pointwise(pair, stats, ridge)
-    unknowns = pair.in_channels // pair.groups * pair.rank * stats.kernel
-    if alternate and unknowns > MAX_DEPTHWISE_UNKNOWNS:
+    if alternate and not refits_depthwise(pair, alternate):
         warn_user(
-            f"layer {name!r}: refitting its depthwise filters means {unknowns} unknowns per group (more than "
-            f"{MAX_DEPTHWISE_UNKNOWNS}); only its pointwise weights were refitted",
+            f"layer {name!r}: refitting its depthwise filters means {depthwise_unknowns(pair)} unknowns per group "
+            f"(more than {MAX_DEPTHWISE_UNKNOWNS}); only its pointwise weights were refitted",
         )
         return before, after
     for _ in range(alternate):

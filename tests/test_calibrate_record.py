@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from torch import nn
 from zoo import Branch
 
@@ -290,15 +291,20 @@ def test_depthwise_filters_at_the_size_limit_are_refitted():
     assert not torch.equal(converted[0].depthwise.weight, init)
 
 
-def test_over_the_size_limit_only_the_pointwise_weights_move(monkeypatch):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_over_the_size_limit_only_the_pointwise_weights_move_as_without_alternating(monkeypatch, sequential):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
     converted = convsep.convert(model, rank=1)
+    data = [torch.randn(4, 3, 8, 8)]
+    pointwise_only = convsep.calibrate(copy.deepcopy(converted), model, data, sequential=sequential)
     init = converted[0].depthwise.weight.detach().clone()
     monkeypatch.setattr(least_squares, "MAX_DEPTHWISE_UNKNOWNS", 26)
     with pytest.warns(UserWarning, match="27 unknowns per group"):
-        convsep.calibrate(converted, model, [torch.randn(4, 3, 8, 8)], alternate=1)
+        convsep.calibrate(converted, model, data, alternate=1, sequential=sequential)
     assert torch.equal(converted[0].depthwise.weight, init)
+    # the same sums as without alternating: the patch sums (the costly ones) are not taken for a refit that won't run
+    assert_bitwise_equal(pointwise_only.state_dict(), converted)
 
 
 def test_the_progress_bar_counts_only_the_batches_asked_for(monkeypatch):
