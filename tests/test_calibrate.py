@@ -11,6 +11,7 @@ from torch import nn
 from zoo import ARCHITECTURES, FunctionalConvNet, MixedDimsNet, SharedConvNet
 
 import convsep
+from convsep import least_squares
 from convsep.models import small_cnn
 
 
@@ -327,6 +328,15 @@ def test_pointwise_refit_with_ridge_is_the_closed_form_solve(groups):
         expected = torch.linalg.solve(gram + lam * eye, features.T @ wanted + lam * current)
         torch.testing.assert_close(pair.pointwise.weight[rows, :, 0, 0].double(), expected[:inputs].T, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pair.pointwise.bias[rows].double(), expected[inputs], rtol=1e-5, atol=1e-6)
+
+
+def test_a_system_cholesky_cannot_factor_is_still_solved():
+    # Group 0 positive definite, group 1 indefinite (as rounding can leave a nearly singular Gram matrix):
+    # Cholesky fails on one group, and every group is still solved exactly.
+    a = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[1.0, 2.0], [2.0, 1.0]]], dtype=torch.float64)
+    b = torch.tensor([[[1.0], [2.0]], [[3.0], [-1.0]]], dtype=torch.float64)
+    solution = least_squares._ridge_solve(a, b, torch.zeros_like(b), ridge=0.0, width=2)
+    torch.testing.assert_close(a @ solution, b, rtol=1e-9, atol=1e-9)
 
 
 def test_ridge_zero_is_plain_least_squares_even_for_tiny_activations():
