@@ -42,6 +42,7 @@ from .layers import _SeparableConvNd
 from .least_squares import LayerStats, fit, refits_depthwise, relative_error
 from .model_runs import OriginalOutputs, every_call, forward, outputs_budget, pair_inputs, run_order
 from .plan import LayerDecision, plan_of
+from .prefix_cache import ConvertedPrefix
 from .probe import eval_mode
 from .progress import progress_bar
 from .warn import warn_user
@@ -180,6 +181,8 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
 
     sites = [(every[index].original, calls) for index, calls in order]
     originals = OriginalOutputs(original, sites, source, initial_error, outputs_budget(source.device))
+    # Half the budget: while a pass serves the outputs kept by the one before, it keeps the next pass's.
+    runs = _Runs(originals, ConvertedPrefix(converted, outputs_budget(source.device) // 2))
     total = len(order) * source.count if source.count else 0
     progress = progress_bar(total, verbose, "calibrating", "batch", leave=False)
     results = {}
@@ -187,11 +190,11 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
         for position, (index, calls) in enumerate(order):  # in the order the model runs them: each fit sees those before
             layer = every[index]
             if layer.decision is None:
-                kept_results[layer.name] = _refit_kept(layer, calls, originals, position, converted, source, ridge,
-                                                       verbose, progress)  # fmt: skip
+                kept_results[layer.name] = _refit_kept(layer, calls, runs, position, converted, source, ridge, verbose,
+                                                       progress)  # fmt: skip
                 continue
             stats = LayerStats(layer.pair, patches=refits_depthwise(layer.pair, alternate))
-            _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
+            _accumulate_in_converted(stats, layer, calls, runs, position, converted, source, progress)
             results[layer.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
     finally:
         if progress is not None:
@@ -207,11 +210,11 @@ def _too_many_unknowns(layer) -> Optional[dict]:
     return None
 
 
-def _refit_kept(layer, calls, originals, position, converted, source, ridge, verbose, progress) -> dict:
+def _refit_kept(layer, calls, runs, position, converted, source, ridge, verbose, progress) -> dict:
     """Refit a kept layer on its inputs in the converted model, or say why it was left as it was."""
     unknowns = _kept_unknowns(layer)
     stats = LayerStats(layer.pair, patches=False, on_original_inputs=True)  # its initial error is its error before
-    _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress)
+    _accumulate_in_converted(stats, layer, calls, runs, position, converted, source, progress)
     if stats.count < SAMPLES_PER_KEPT_WEIGHT * unknowns:
         return {
             "refitted": False,
@@ -266,15 +269,25 @@ def _warn_not_reached(layers: list[_Layer], reached: set[int]) -> None:
         warn_user(f"not calibrated, since the data never reached them: {', '.join(not_run)}")
 
 
-def _accumulate_in_converted(stats, layer, calls, originals, position, converted, source, progress) -> None:
+@dataclass
+class _Runs:
+    """How in-order calibration runs the two models: the original's outputs kept for several layers at once
+    (model_runs.py), the converted model's forward without what the last fit did not change (prefix_cache.py)."""
+
+    originals: OriginalOutputs
+    prefix: ConvertedPrefix
+
+
+def _accumulate_in_converted(stats, layer, calls, runs, position, converted, source, progress) -> None:
     """Add up one pair's sums over all batches: its inputs in the converted model, the original layer's outputs
     (OriginalOutputs: gathered for several layers at once, or the original's prefix run here for this one)."""
-    with distributed.together():
-        originals.begin(position, layer.name)
+    with distributed.together(), runs.prefix.pass_to(layer.module):
+        runs.originals.begin(position, layer.name)
         for index, inputs in enumerate(source, 1):
             where = f"calibration batch {index} (calibrating {layer.name!r})"
-            seen = originals.outputs(index, inputs, where)
-            sources = pair_inputs(converted, layer.module, inputs, calls, where)
+            seen = runs.originals.outputs(index, inputs, where)
+            with runs.prefix.batch(index, inputs):
+                sources = pair_inputs(converted, layer.module, inputs, calls, where)
             if len(seen) != len(sources):
                 raise ConvsepValueError(
                     f"{where}: the layer ran {len(sources)} times in the converted model and "
