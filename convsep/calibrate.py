@@ -9,8 +9,9 @@ Layers are fitted one after the other in the order the model runs them, so that 
 do not pile up: each pair is fitted on its inputs in the converted model (with the
 pairs before it already calibrated), against the original layer's outputs on the
 original model's inputs to that layer. No labels are needed. That costs a partial forward
-of the converted model per layer and batch, and of the original one per batch and group of
-layers whose outputs fit in memory (model_runs.py); `sequential=False` fits every pair at once
+of the converted model per layer and batch, in which what the last fit did not change is served
+from the pass before (prefix_cache.py), and of the original one per batch and group of layers
+whose outputs fit in memory (model_runs.py); `sequential=False` fits every pair at once
 on its inputs in the original model instead: one forward of the original per batch, but the
 pairs no longer make up for the errors of the ones before them.
 
@@ -82,7 +83,7 @@ def calibrate(
         It is iterated once per converted layer (in order, once more per group of layers whose
         original outputs are kept: model_runs.py); a one-shot iterator (a generator) is read
         once and kept in memory (bound it with `batches`). Data that comes in another order
-        on each pass (shuffle=True) is fitted correctly, without that saving.
+        on each pass (shuffle=True) is fitted correctly, without those savings.
     batches: use at most this many batches (default: all).
     ridge: strength of the pull towards the current weights, relative to the mean diagonal
         of each least-squares system (default 1e-3).
@@ -90,8 +91,9 @@ def calibrate(
         refit). 0 refits only the pointwise weights and biases.
     sequential: fit the pairs one after the other, each on its inputs in the converted model
         with the pairs before it calibrated (the default: errors do not pile up; a partial
-        forward of the converted model per layer and batch); False fits them all at once on their
-        inputs in the original model (one forward of the original per batch).
+        forward of the converted model per layer and batch, from what the layer fitted last
+        changed on: see prefix_cache.py); False fits them all at once on their inputs in the
+        original model (one forward of the original per batch).
     refit_kept: also refit the layers conversion kept as they were (nn.Linear and standard
         convs, not shared, not parametrized) that run after a converted one, in the same order, on
         their inputs in the converted model against the original layer's outputs: a classifier
