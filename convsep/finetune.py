@@ -17,9 +17,10 @@ term on the scale of the hard one whatever the temperature.
 Optimisation follows the usual recipe: AdamW (or SGD with momentum), a linear warmup then a cosine
 schedule (convsep/schedule.py), gradient clipping, and no weight decay on depthwise filters
 (MobileNet: they hold few parameters, so decay mostly shrinks them) nor on biases and normalisation
-parameters. What a real run needs besides lives beside this loop: validation with keep-best and the
-history (validation.py), mixed precision (precision.py), training checkpoints and resume
-(training_state.py). A non-finite step is never applied: it is undone, the lr halved, and only after
+parameters. What a real run needs besides lives beside this loop: the loss (losses.py), the batches of
+each epoch (epochs.py), the parameters trained and the optimiser (trainable.py), validation with
+keep-best and the history (validation.py), mixed precision (precision.py), training checkpoints and
+resume (training_state.py). A non-finite step is never applied: it is undone, the lr halved, and only after
 a few such steps does training give up.
 
 Under torchrun each process passes its own shard of the batches and the model is wrapped in
@@ -38,38 +39,38 @@ import inspect
 import logging
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.conv import _ConvNd
 
 from . import distributed, training_state
 from .batches import as_args, split_batch
 from .devices import device_of, on_device, parse_device, to_device
-from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, NonFiniteLossError, first_line
-from .layers import _SeparableConvNd
+from .epochs import END_OF_EPOCH, run_batches, total_steps
+from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, NonFiniteLossError, first_line
+from .losses import LOSSES, LossFn, Objective
 from .plan import plan_of
 from .precision import Precision
 from .precision import check as check_autocast
-from .probe import cannot_run, describe_inputs, eval_mode
+from .probe import cannot_run, eval_mode
 from .progress import progress_bar
 from .schedule import Schedule
+from .trainable import (
+    DEFAULT_WEIGHT_DECAY,
+    OPTIMIZERS,
+    TrainableSpec,
+    freeze_all_but,
+    keep_statistics_of_frozen_norms,
+    make_optimizer,
+    parameter_groups,
+    trainable_parameters,
+)
 from .validation import History, attach, evaluate, format_row
-from .warn import warn_user
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "kl", "mse")
-OPTIMIZERS = ("adamw", "sgd")
-TRAINABLE = ("all", "separable")
-DEFAULT_WEIGHT_DECAY = {"adamw": 1e-2, "sgd": 1e-4}
 NONFINITE_LR_FACTOR = 0.5  # after a non-finite step, the rest of the run trains at half the lr
-
-LossFn = Callable[[Any, Optional[Any], Optional[Tensor]], Tensor]
-TrainableSpec = Union[str, Callable[[str, nn.Parameter], bool]]
 
 
 def finetune(
@@ -158,7 +159,7 @@ def finetune(
         )
         _check_run_options(val_data, val_every, autocast, nonfinite_retries, save_state, save_every)
         device = parse_device(device) if device is not None else device_of(model)
-        named = _trainable_parameters(model, trainable)
+        named = trainable_parameters(model, trainable)
         if teacher is not None:
             _check_teacher(model, teacher)
         precision = Precision(autocast, device)
@@ -171,13 +172,13 @@ def finetune(
     distributed.same_everywhere(distributed.fingerprint(model, teacher, extra=trained_names), "models")
     verbose = verbose and distributed.is_main()
 
-    total, why = _total_steps(data, epochs, steps)
+    total, why = total_steps(data, epochs, steps)
     decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
-    opt = _make_optimizer(optimizer, _parameter_groups(model, named, decay), lr)
+    opt = make_optimizer(optimizer, parameter_groups(model, named, decay), lr)
     schedule = Schedule(opt, lr, total, warmup)
     if why:
         log.info("%s and steps is None: training at a constant lr of %g", why, lr)
-    objective = _Objective(loss, temperature, alpha)
+    objective = Objective(loss, temperature, alpha)
     history, position = History(), training_state.Position()
     run = {"rollbacks": 0, "applied": 0}  # steps undone for a non-finite value; steps applied
     since = [0.0, 0]  # train loss summed over the steps since the last evaluation, and their count
@@ -195,7 +196,7 @@ def finetune(
             since[:] = trained_before
         run.update(saved)
     params = [p for _, p in named]
-    frozen = _freeze_all_but(model, params)
+    frozen = freeze_all_but(model, params)
     buffers = _BufferBackup(model)
     teacher_mode = contextlib.ExitStack()  # the teacher runs in eval mode; its own flags come back at the end
     teacher_mode.enter_context(eval_mode(*([teacher] if teacher is not None else [])))
@@ -203,7 +204,7 @@ def finetune(
     teacher_mode.enter_context(torch.inference_mode(False))
     teacher_mode.enter_context(torch.enable_grad())
     model.train()
-    _keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
+    keep_statistics_of_frozen_norms(model, {id(p) for p in params}, trainable)
     student = _data_parallel(model, device)
     bar = progress_bar(total, verbose, "finetune", "step")
     full_precision = Precision(None, device)
@@ -243,7 +244,7 @@ def finetune(
     try:
         if resumed is None:
             validate()  # the starting state: the one to beat
-        for batch in _epochs(data, epochs, steps, position):
+        for batch in run_batches(data, epochs, steps, position):
             if batch is END_OF_EPOCH:
                 validate()
                 checkpoint()
@@ -353,95 +354,6 @@ def _structure(model: nn.Module) -> str:
     return distributed.fingerprint(model, extra=layers)
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, kind: str = "kl", temperature: float = 2.0) -> Tensor:
-    """How far the student's outputs are from the teacher's: T^2 * KL at temperature T ("kl"), or MSE ("mse").
-
-    KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch (the mean over samples of the
-    sum over classes, which is what KL means; "mean" over every element would divide by the class count).
-    """
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    log_p_student = F.log_softmax(student / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
-
-
-def target_loss(student: Tensor, targets: Tensor, kind: str = "kl") -> Tensor:
-    """The supervised term: cross-entropy against class indices or probabilities ("kl"), or MSE ("mse")."""
-    if kind == "mse":
-        return F.mse_loss(student, targets.to(student.dtype))
-    return F.cross_entropy(student, targets)
-
-
-class _Objective:
-    """The loss of one batch, from the student's outputs, the teacher's (or None) and the targets (or None)."""
-
-    def __init__(self, loss: Union[str, LossFn], temperature: float, alpha: float) -> None:
-        self.custom = loss if callable(loss) else None
-        self.kind = None if callable(loss) or loss == "auto" else loss
-        self.temperature = temperature
-        self.alpha = alpha
-
-    def wants_teacher(self, has_targets: bool) -> bool:
-        return self.custom is not None or not has_targets or self.alpha > 0
-
-    def __call__(self, out: Any, teacher_out: Any, targets: Optional[Tensor], where: str) -> Tensor:
-        if self.custom is not None:
-            value = self.custom(out, teacher_out, targets)
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                raise ConvsepTypeError(f"loss callable must return a scalar tensor, got {describe_inputs(value)}")
-            return value.reshape(())
-        if not isinstance(out, Tensor):
-            raise ConvsepTypeError(
-                f"the model returns {type(out).__name__}, not a tensor: pass "
-                "loss=callable(student_out, teacher_out, targets) -> scalar tensor"
-            )
-        if teacher_out is None and targets is None:
-            raise ConvsepValueError(
-                f"{where} carries no targets and no teacher was given: pass teacher=the original model, "
-                "or batches (inputs, targets)"
-            )
-        if self.kind is None:
-            self.kind = "kl" if out.is_floating_point() and out.dim() == 2 and out.shape[1] >= 2 else "mse"
-            log.info("loss='auto': %r for outputs of shape %s", self.kind, tuple(out.shape))
-        soft = hard = None
-        if teacher_out is not None:
-            if not isinstance(teacher_out, Tensor) or teacher_out.shape != out.shape:
-                raise ConvsepValueError(
-                    f"{where}: the teacher's output is {describe_inputs(teacher_out)} but the student's is "
-                    f"{describe_inputs(out)}: the teacher must be the model the student was converted from"
-                )
-            soft = distillation_loss(out, teacher_out.to(out.dtype), self.kind, self.temperature)
-        if targets is not None and (soft is None or self.alpha < 1):
-            _check_targets(out, targets, self.kind, where)
-            hard = target_loss(out, targets, self.kind)
-        if soft is None:
-            return hard
-        if hard is None:
-            return soft
-        return self.alpha * soft + (1 - self.alpha) * hard
-
-
-def _check_targets(out: Tensor, targets: Tensor, kind: str, where: str) -> None:
-    if not isinstance(targets, Tensor):
-        raise ConvsepTypeError(f"{where}: targets must be a tensor, got {type(targets).__name__}")
-    class_indices = kind == "kl" and not targets.is_floating_point()
-    expected = tuple(out.shape[:1]) if class_indices else tuple(out.shape)
-    if tuple(targets.shape) != expected:
-        what = "class indices" if class_indices else "targets"
-        raise InputShapeError(
-            f"{where}: {what} of shape {tuple(targets.shape)} do not fit the model's output of shape "
-            f"{tuple(out.shape)}: expected shape {expected}"
-        )
-    if class_indices and targets.numel():
-        low, high, classes = int(targets.min()), int(targets.max()), out.shape[1]
-        if low < 0 or high >= classes:
-            raise ConvsepValueError(
-                f"{where}: class index {low if low < 0 else high} is outside [0, {classes}) "
-                f"for a model with {classes} outputs"
-            )
-
-
 def _check_finite(value: Tensor, what: str, step: int, total: Optional[int], epoch: int, lr: float, undone: int) -> None:
     if torch.isfinite(value):
         return
@@ -464,81 +376,6 @@ def _run(module: nn.Module, inputs: Any, where: str, who: str) -> Any:
         raise cannot_run(where, who, args, err) from err
 
 
-_END = object()
-END_OF_EPOCH = object()  # what _epochs yields between epochs: time to validate and save
-
-
-def _epochs(data: Iterable, epochs: int, steps: Optional[int], position: training_state.Position) -> Iterator[Any]:
-    """The batches of `epochs` passes over data (or of exactly `steps` steps, cycling over it), with
-    END_OF_EPOCH after each pass; from `position`, so a resumed run replays the batches it had taken.
-
-    With several processes, an epoch ends on all of them as soon as one has no batch left.
-    """
-    while steps is not None or position.epoch <= epochs:
-        skip = position.index  # > 0 only for the first epoch of a resumed run
-        if skip and position.rng_at_epoch_start is not None:
-            now = training_state.rng_state()
-            training_state.set_rng_state(position.rng_at_epoch_start)  # the same shuffled order as before
-        else:
-            now, position.rng_at_epoch_start = None, training_state.rng_state()
-        yielded = 0
-        with distributed.together():
-            batches = iter(data)
-        while True:
-            with distributed.together():
-                batch = next(batches, _END)
-            if not distributed.everywhere(batch is not _END):
-                if batch is not _END:
-                    log.warning(
-                        "rank %d: another process ran out of batches, so epoch %d ended after %d steps; this "
-                        "process's remaining batches were not used (give every process as many batches)",
-                        distributed.rank(), position.epoch, yielded,
-                    )  # fmt: skip
-                break
-            yielded += 1
-            if yielded <= skip:
-                continue  # trained on before the run was interrupted
-            if now is not None:
-                training_state.set_rng_state(now)
-                now = None
-            position.index, position.epoch_of_last_step = yielded, position.epoch
-            yield batch
-            if steps is not None and position.step >= steps:
-                return
-        if now is not None:
-            training_state.set_rng_state(now)
-        if yielded == 0:
-            if position.epoch > 1:
-                warn_user(
-                    f"data yielded no batches in epoch {position.epoch}: stopped after {position.step} steps. A one-shot "
-                    "iterator or generator can be read only once; pass a list or a re-iterable (such as a DataLoader) "
-                    "to train longer",
-                )
-            return
-        position.epoch, position.index = position.epoch + 1, 0
-        yield END_OF_EPOCH
-
-
-def _total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> tuple[Optional[int], str]:
-    """Steps of the whole run (for the schedule), with several processes of the shortest shard; None when
-    they are not known, with why ("" for empty data: the run ends in a "yielded no batches" error)."""
-    if steps is not None:
-        return steps, ""
-    try:
-        per_epoch = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = -1  # unknown
-    shortest, longest = distributed.global_min(per_epoch), -distributed.global_min(-per_epoch)
-    if shortest != longest and shortest >= 0 and distributed.is_main():
-        warn_user(
-            f"the processes' shards hold {shortest} to {longest} batches: every process trains {shortest} steps "
-            "per epoch (the shortest shard) and the rest is not used",
-        )
-    if shortest < 0:
-        return None, "data has no len()" if not distributed.active() else "the data of at least one process has no len()"
-    return (epochs * shortest if shortest > 0 else None), ""
-
-
 def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """The model wrapped in DistributedDataParallel in a process group of several, else the model itself.
 
@@ -554,65 +391,6 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     # Newer torch names the switch forward_sync_buffers (buffers still sync once, at construction).
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=device_ids, static_graph=True, **{no_sync: False})
-
-
-def _trainable_parameters(model: nn.Module, trainable: TrainableSpec) -> list[tuple[str, nn.Parameter]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if callable(trainable):
-        chosen = [(n, p) for n, p in named if trainable(n, p)]
-    elif trainable == "all":
-        chosen = named
-    elif trainable == "separable":
-        in_pairs = {id(p) for m in model.modules() if isinstance(m, _SeparableConvNd) for p in m.parameters()}
-        if not in_pairs:
-            raise ConvsepValueError(
-                "trainable='separable' but the model has no SeparableConv layers: convert it first, or use trainable='all'"
-            )
-        chosen = [(n, p) for n, p in named if id(p) in in_pairs]
-    else:
-        raise ConvsepValueError(
-            f"trainable={trainable!r} is not known: use one of {', '.join(map(repr, TRAINABLE))} "
-            "or a callable (name, parameter) -> bool"
-        )
-    if not chosen:
-        raise ConvsepValueError(f"trainable={trainable!r} selects no parameter that requires grad: nothing to train")
-    return chosen
-
-
-def _parameter_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], decay: float) -> list[dict]:
-    """Two optimiser groups: weight decay on matrices and dense kernels; none on depthwise filters, biases, norms."""
-    depthwise = {id(m.depthwise.weight) for m in model.modules() if isinstance(m, _SeparableConvNd)}
-    depthwise |= {
-        id(m.weight) for m in model.modules() if isinstance(m, _ConvNd) and m.groups == m.in_channels and m.groups > 1
-    }
-    no_decay = [p for _, p in named if p.dim() <= 1 or id(p) in depthwise]
-    decayed = [p for _, p in named if not (p.dim() <= 1 or id(p) in depthwise)]
-    groups = [{"params": decayed, "weight_decay": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def _freeze_all_but(model: nn.Module, params: list[nn.Parameter]) -> list[nn.Parameter]:
-    """Turn off requires_grad outside `params` (saves their gradients); the caller turns it back on."""
-    keep = {id(p) for p in params}
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
-    for p in frozen:
-        p.requires_grad_(False)
-    return frozen
-
-
-def _keep_statistics_of_frozen_norms(model: nn.Module, trained: set[int], trainable: TrainableSpec) -> None:
-    """With a partial `trainable`, norm layers none of whose parameters train keep their running statistics."""
-    if trainable == "all":
-        return
-    for module in model.modules():
-        if isinstance(module, _NormBase) and not any(id(p) in trained for p in module.parameters(recurse=False)):
-            module.eval()
 
 
 class _BufferBackup:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import convsep
-from convsep.finetune import distillation_loss
+from convsep.losses import distillation_loss
 from helpers import DiesAfter, Killed, assert_bitwise_equal, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,18 +121,18 @@ def test_labels_and_teacher_combine_as_documented():
     expected = 0.25 * float(expected_soft) + 0.75 * float(nn.functional.cross_entropy(student_out, targets))
     assert seen["custom"] == pytest.approx(expected, rel=1e-6)
 
-    from convsep.finetune import _Objective
+    from convsep.losses import Objective
 
-    combined = _Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, "batch 1")
+    combined = Objective("auto", 3.0, 0.25)(student_out, teacher_out, targets, "batch 1")
     assert float(combined) == pytest.approx(expected, rel=1e-6)
-    assert float(_Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, "batch 1")) == pytest.approx(float(soft))
+    assert float(Objective("auto", 3.0, 1.0)(student_out, teacher_out, targets, "batch 1")) == pytest.approx(float(soft))
 
 
 def test_mse_is_chosen_for_outputs_that_are_not_logits():
-    from convsep.finetune import _Objective
+    from convsep.losses import Objective
 
     out, teacher_out = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
-    objective = _Objective("auto", 2.0, 0.5)
+    objective = Objective("auto", 2.0, 0.5)
     torch.testing.assert_close(objective(out, teacher_out, None, "batch 1"), nn.functional.mse_loss(out, teacher_out))
     assert objective.kind == "mse"
 
@@ -391,9 +391,9 @@ def test_validation_keeps_the_state_with_the_lowest_validation_loss(trained):
 
 
 def _objective_on(student, teacher, x, y):
-    from convsep.finetune import _Objective
+    from convsep.losses import Objective
 
-    return _Objective("auto", 2.0, 0.5)(student(x), teacher(x), y, "check")
+    return Objective("auto", 2.0, 0.5)(student(x), teacher(x), y, "check")
 
 
 def test_the_history_records_accuracy_train_loss_and_lr(trained):

@@ -175,10 +175,10 @@ def test_targets_that_do_not_fit_the_output_are_named(targets, message):
 
 
 def test_targets_that_are_not_a_tensor_are_named():
-    from convsep.finetune import _Objective
+    from convsep.losses import Objective
 
     with pytest.raises(convsep.ConvsepTypeError, match=whole("batch 1: targets must be a tensor, got list")):
-        _Objective("auto", 2.0, 0.5)(torch.zeros(4, 4), None, [0, 1, 2, 3], "batch 1")
+        Objective("auto", 2.0, 0.5)(torch.zeros(4, 4), None, [0, 1, 2, 3], "batch 1")
 
 
 def test_empty_data_with_a_len_is_not_logged_as_data_without_one(caplog):

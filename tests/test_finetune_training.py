@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convsep
-from convsep.finetune import _Objective, distillation_loss
+from convsep.losses import Objective, distillation_loss
 
 
 def test_the_default_temperature_is_2():
@@ -20,7 +20,7 @@ def test_the_default_temperature_is_2():
 def test_loss_mse_on_logits_compares_with_the_teacher_and_the_targets_by_mse():
     torch.manual_seed(0)
     out, teacher_out, targets = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)
-    value = _Objective("mse", 2.0, 0.25)(out, teacher_out, targets, "batch 1")
+    value = Objective("mse", 2.0, 0.25)(out, teacher_out, targets, "batch 1")
     expected = 0.25 * F.mse_loss(out, teacher_out) + 0.75 * F.mse_loss(out, targets.float())
     torch.testing.assert_close(value, expected)  # float32, as the model: the float64 targets are cast
 
@@ -28,35 +28,35 @@ def test_loss_mse_on_logits_compares_with_the_teacher_and_the_targets_by_mse():
 def test_loss_mse_takes_targets_of_any_value_and_integer_dtype():
     out = torch.zeros(2, 2)
     targets = torch.tensor([[-3, 7], [5, 0]])  # not class indices: no range check
-    value = _Objective("mse", 2.0, 0.5)(out, None, targets, "batch 1")
+    value = Objective("mse", 2.0, 0.5)(out, None, targets, "batch 1")
     torch.testing.assert_close(value, torch.tensor((9 + 49 + 25) / 4))
 
 
 def test_class_probabilities_as_targets_give_cross_entropy():
     torch.manual_seed(0)
     out, probabilities = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
-    value = _Objective("auto", 2.0, 0.5)(out, None, probabilities, "batch 1")
+    value = Objective("auto", 2.0, 0.5)(out, None, probabilities, "batch 1")
     torch.testing.assert_close(value, F.cross_entropy(out, probabilities))
 
 
 def test_alpha_1_without_a_teacher_trains_on_the_targets_alone():
     torch.manual_seed(0)
     out, targets = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
-    torch.testing.assert_close(_Objective("auto", 2.0, 1.0)(out, None, targets, "batch 1"), F.cross_entropy(out, targets))
+    torch.testing.assert_close(Objective("auto", 2.0, 1.0)(out, None, targets, "batch 1"), F.cross_entropy(out, targets))
 
 
 def test_alpha_1_with_a_teacher_ignores_the_targets_even_unfit_ones():
     torch.manual_seed(0)
     out, teacher_out = torch.randn(4, 3), torch.randn(4, 3)
     unfit = torch.tensor([7, 7])  # wrong shape and range: not even looked at
-    value = _Objective("auto", 2.0, 1.0)(out, teacher_out, unfit, "batch 1")
+    value = Objective("auto", 2.0, 1.0)(out, teacher_out, unfit, "batch 1")
     torch.testing.assert_close(value, distillation_loss(out, teacher_out, "kl", 2.0))
 
 
 def test_a_float64_teacher_is_compared_in_the_students_float32():
     torch.manual_seed(0)
     out, teacher_out = torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)
-    value = _Objective("auto", 2.0, 0.5)(out, teacher_out, None, "batch 1")
+    value = Objective("auto", 2.0, 0.5)(out, teacher_out, None, "batch 1")
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, distillation_loss(out, teacher_out.float(), "kl", 2.0))
 

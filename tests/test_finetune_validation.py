@@ -160,11 +160,12 @@ def test_verbose_false_prints_nothing(capsys):
 def test_the_log_of_a_run_holds_the_loss_chosen_the_history_each_undone_step_and_the_state_kept(caplog):
     torch.manual_seed(0)
     nan = (torch.full((4, 3), float("nan")), TRAIN[0][1])
-    with caplog.at_level(logging.INFO, logger="convsep.finetune"):
+    with caplog.at_level(logging.INFO, logger="convsep"):
         model = convsep.finetune(nn.Linear(3, 2), [TRAIN[0], nan, TRAIN[0]], val_data=VAL, lr=0.1, warmup=0.0, verbose=False)
     record = model.convsep_finetune
     start, end = (format_row(r) for r in record["history"])
-    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "convsep.finetune"] == [
+    fine_tuning = ("convsep.finetune", "convsep.losses")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name in fine_tuning] == [
         ("INFO", "loss='auto': 'kl' for outputs of shape (4, 2)"),
         ("INFO", start),
         ("WARNING", "fine-tuning stopped at step 2 of 3 (epoch 1): the loss is nan. Undone and skipped (1 of 3 allowed); "
