@@ -37,3 +37,26 @@ class DiesAfter:
                 raise Killed
             self.left -= 1
             yield batch
+
+
+class Shuffled:
+    """Calibration data that comes in another order on every pass, like a DataLoader with shuffle=True."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.passes))
+        return iter([self.batches[i] for i in order])
+
+
+class Alternating(Shuffled):
+    """Batches in their order on odd passes, reversed on even ones."""
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes % 2 else self.batches[::-1])

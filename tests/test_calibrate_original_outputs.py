@@ -5,6 +5,7 @@ window of layers, and never more than the memory budget allows."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Alternating, Shuffled
 from torch import nn
 
 import convsep
@@ -101,21 +102,6 @@ def test_a_window_stops_keeping_outputs_within_the_first_batch_once_the_budget_i
     assert outputs.end == 2 and len(outputs.current) == 4
 
 
-class Shuffled:
-    """Calibration data that comes in another order on every pass, like a DataLoader with shuffle=True."""
-
-    def __init__(self, batches):
-        self.batches, self.passes = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.passes))
-        return iter([self.batches[i] for i in order])
-
-
 def test_data_that_comes_in_another_order_on_each_pass_is_fitted_as_in_a_fixed_order():
     torch.manual_seed(0)
     model = Shared().eval()
@@ -176,14 +162,6 @@ def test_a_batch_the_original_cannot_take_is_named_with_the_layer_being_fitted(m
     with pytest.raises(convsep.InputShapeError) as info:
         convsep.calibrate(converted, model, data)
     assert str(info.value).startswith("calibration batch 2 (calibrating 'stem'): the original model cannot run on")
-
-
-class Alternating(Shuffled):
-    """Batches in their order on odd passes, reversed on even ones."""
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches if self.passes % 2 else self.batches[::-1])
 
 
 def test_data_that_changes_between_passes_is_said_once_and_streamed_from_then_on(caplog):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import Alternating
 from torch import nn
 from zoo import ARCHITECTURES
 
@@ -172,24 +173,10 @@ def test_an_output_that_is_not_a_function_of_the_input_turns_the_cache_off(caplo
     assert_same_fits(drifting, calibrate(chain(Counted(drift=True)).eval(), _data(), budget=0))
 
 
-class Shuffled:
-    """Calibration data that comes in another order on every pass, like a DataLoader with shuffle=True."""
-
-    def __init__(self, batches):
-        self.batches, self.passes = batches, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        return iter(self.batches if self.passes % 2 else self.batches[::-1])
-
-
 def test_data_in_another_order_on_another_pass_is_never_served_another_batchs_outputs(caplog):
     model = chain().eval()
     with caplog.at_level(logging.INFO, logger="convsep.prefix_cache"):
-        shuffled = calibrate(model, Shuffled(_data()))
+        shuffled = calibrate(model, Alternating(_data()))
     said = [r.getMessage() for r in caplog.records if r.name == "convsep.prefix_cache"]
     assert said == ["calibration batch 1: the data gave other batches than on the pass before (shuffled?): the "
                     "converted model runs in full for each layer from here on"]  # fmt: skip
