@@ -124,16 +124,18 @@ class DirectForward(nn.Module):
     def forward(self, x):
         y = self.counted(self.first(x))
         if float(y.abs().sum()) >= 0:  # data-dependent: the root is not traced
-            y = self.counted.forward(y)
+            y = self.counted.forward(x=y)
         return self.third(self.second(y))
 
 
-class Pairs(nn.Module):
-    """A module returning a tuple, and one returning an object that cannot be kept."""
+class Odd(nn.Module):
+    """Module calls the cache must serve as they ran: an output that cannot be kept (before one that can), a keyword
+    input, an in-place change by the caller to a served output that later layers read, and a tuple with non-tensor
+    items."""
 
     class Both(nn.Module):
         def forward(self, x):
-            return x, -x
+            return x, -x, None, 2
 
     class Opaque(nn.Module):
         def forward(self, x):
@@ -141,26 +143,48 @@ class Pairs(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.both, self.opaque = Pairs.Both(), Pairs.Opaque()
-        self.a, self.b, self.c = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(12, 6, 3, padding=1), nn.Conv2d(6, 6, 3)
+        self.both, self.opaque, self.counted = Odd.Both(), Odd.Opaque(), Counted()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(12, 6, 3, padding=1)
+        self.c, self.d = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3)
 
     def forward(self, x):
-        y = self.opaque(self.a(x))["value"]
-        return self.c(self.b(torch.cat(self.both(y), dim=1)))
+        y = self.counted(x=self.opaque(self.a(x))["value"])
+        if float(y.abs().sum()) >= 0:  # data-dependent: the root is not traced, its module calls stay
+            y.mul_(2)  # changes what `counted` returned: served, that must be a copy
+        return self.d(self.c(self.b(torch.cat([self.both(y)[1], y], dim=1)) + y))
 
 
 def direct_forward_inside():
     return nn.Sequential(DirectForward())  # the direct call from a module within the model, not from its root
 
 
-@pytest.mark.parametrize("model", [SideEffect, direct_forward_inside, Pairs], ids=lambda m: m.__name__)
-def test_odd_module_calls_get_the_same_fits(model, caplog):
+# 12,288 bytes: two 4 x 6 x 8 x 8 outputs, so only the first batch's first calls are kept and the others run.
+@pytest.mark.parametrize("budget", [None, 12_288], ids=["room", "little room"])
+@pytest.mark.parametrize("model", [SideEffect, direct_forward_inside, Odd], ids=lambda m: m.__name__)
+def test_odd_module_calls_get_the_same_fits(model, budget, caplog):
     torch.manual_seed(0)
     model = model().eval()
     with caplog.at_level(logging.INFO, logger="convsep.prefix_cache"):
-        cached = calibrate(model, _data())
+        cached = calibrate(model, _data(), budget)
     assert not [r for r in caplog.records if r.name == "convsep.prefix_cache"]  # served, not turned off
     assert_same_fits(cached, calibrate(model, _data(), budget=0))
+
+
+def test_an_output_that_cannot_be_kept_leaves_the_calls_after_it_served():
+    torch.manual_seed(0)
+    # Counted runs after `a`: not in a's pass, in b's on the 3 batches, once more in c's to be checked, not in d's.
+    assert calibrate(Odd().eval(), _data()).counted.calls == 1 + 3 + 1
+
+
+def test_outputs_are_compared_leaf_by_leaf_and_by_structure():
+    t = torch.arange(3.0)
+    assert prefix_cache._same((t, 1, None), (t.clone(), 1, None))
+    assert not prefix_cache._same((t, t), [t, t])  # same leaves, another container
+    assert not prefix_cache._same((t,), (t, t))
+    assert not prefix_cache._same((t, 1), (t, 2))
+    assert not prefix_cache._same(t, 1)
+    assert not prefix_cache._same(t, t + 1)
+    assert not prefix_cache._same(t, t.double())  # equal values, another dtype
 
 
 def test_an_output_that_is_not_a_function_of_the_input_turns_the_cache_off(caplog):
