@@ -82,5 +82,8 @@ def total_steps(data: Iterable, epochs: int, steps: Optional[int]) -> tuple[Opti
             "per epoch (the shortest shard) and the rest is not used",
         )
     if shortest < 0:
-        return None, "data has no len()" if not distributed.active() else "the data of at least one process has no len()"
+        return (
+            None,
+            "data has no len()" if not distributed.active() else "the data of at least one process has no len()",
+        )
     return (epochs * shortest if shortest > 0 else None), ""
