@@ -195,7 +195,7 @@ def _calibrate_in_order(layers, kept, original, converted, source, ridge, altern
                 kept_results[layer.name] = _refit_kept(layer, calls, runs, position, converted, source, ridge, verbose,
                                                        progress)  # fmt: skip
                 continue
-            stats = LayerStats(layer.pair, patches=refits_depthwise(layer.pair, alternate))
+            stats = LayerStats(layer.pair, refits_depthwise(layer.pair, alternate), batches=source.count)
             _accumulate_in_converted(stats, layer, calls, runs, position, converted, source, progress)
             results[layer.name] = _refit(layer, stats, ridge, alternate, verbose, progress)
     finally:
@@ -235,7 +235,7 @@ def _kept_unknowns(layer) -> int:
 def _calibrate_at_once(layers, original, source, ridge, alternate, verbose) -> dict:
     """Every pair on its inputs in the original model, from one forward of the original per batch."""
     layers = list({id(layer.pair): layer for layer in layers}.values())  # a shared pair: its last layer, as in order
-    stats = [LayerStats(layer.pair, patches=refits_depthwise(layer.pair, alternate), on_original_inputs=True) for layer in layers]
+    stats = [LayerStats(layer.pair, refits_depthwise(layer.pair, alternate), True, source.count) for layer in layers]
     calls = torch.zeros(len(layers), dtype=torch.float64)
 
     def keep(index: int, x: Tensor, y: Tensor) -> None:
@@ -313,7 +313,7 @@ def _refit(layer, stats, ridge, alternate, verbose, progress) -> dict:
     if stats.initial_error is None:  # fitted on the original's inputs: its error before the fit is the initial one
         initial = before
     else:
-        initial = relative_error(stats.initial_error, stats.target_energy) if stats.count else float("nan")
+        initial = relative_error(stats.initial_error, stats.all_target_energy) if stats.count else float("nan")
     decision = layer.decision
     what = "calibrated" if decision is not None else "refitted kept layer"
     message = f"{what} {layer.name}: relative output error {before:.4f} -> {after:.4f}"

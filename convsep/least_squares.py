@@ -38,6 +38,9 @@ from .warn import warn_user
 MAX_DEPTHWISE_UNKNOWNS = 4096
 # Feature elements handled at once while accumulating, to bound memory on large activations.
 _CHUNK_ELEMENTS = 1 << 22
+# The patch sums are taken at every s-th position when the data has this many positions per column of the sums
+# to spare (see LayerStats.sampling_step).
+ROWS_PER_COLUMN = 64
 
 
 class LayerStats:
@@ -47,10 +50,15 @@ class LayerStats:
     patches (for alternating: the depthwise outputs are linear in them, so both refits
     follow from the same sums without another pass over the data). Per group g:
     gram = sum F F^T, cross = sum F Y^T, feature_sum = sum F, target_sum = sum Y.
+
+    The patch sums cost (M/g K)^2 per position and group, about K times the conv itself (a 3x3 conv: 9x). When the
+    data holds many more positions than they need, they are taken at every s-th output position only, each call
+    starting one further on (see sampling_step); `batches`, the batches per pass, tells how many there will be.
     """
 
-    def __init__(self, pair: _SeparableConvNd, patches: bool, on_original_inputs: bool = False) -> None:
-        self.pair, self.patches = pair, patches
+    def __init__(self, pair: _SeparableConvNd, patches: bool, on_original_inputs: bool = False,
+                 batches: Optional[int] = None) -> None:  # fmt: skip
+        self.pair, self.patches, self.batches = pair, patches, batches
         self.groups = pair.groups
         self.kernel = math.prod(pair.kernel_size)
         per_channel = self.kernel if patches else pair.rank
@@ -62,15 +70,28 @@ class LayerStats:
         self.cross = zeros(self.groups, width, outputs)
         self.feature_sum = zeros(self.groups, width)
         self.target_sum = zeros(self.groups, outputs)
-        self.count = 0  # output positions seen (samples x positions)
-        self.target_energy = 0.0  # sum of Y^2
+        self.count = 0  # output positions summed over (samples x positions, sampled)
+        self.target_energy = 0.0  # sum of Y^2 over those positions
+        self.all_target_energy = 0.0  # ... and over every position (what initial_error is relative to)
+        self.calls = 0
         # sum of (pair(X_original) - Y)^2 before the refit; None when X is X_original (the fit's own "before")
         self.initial_error: Optional[float] = None if on_original_inputs else 0.0
 
-    def _features(self, x: Tensor) -> Tensor:
+    def sampling_step(self, positions: int) -> int:
+        """Every how many output positions a call of `positions` (samples x positions) is summed over: 1 unless the
+        patches are summed and every pass brings more than ROWS_PER_COLUMN positions per column of the sums; then as
+        sparsely as that allows, but no sparser than needed to bring their cost to about the conv's."""
+        if not self.patches or not self.batches:
+            return 1
+        width = self.gram.shape[-1]
+        by_data = positions * self.batches // (ROWS_PER_COLUMN * width)
+        by_cost = math.ceil(self.groups * width / self.pair.out_channels)
+        return max(1, min(by_data, by_cost))
+
+    def _features(self, x: Tensor, every: int, phase: int) -> Tensor:
         # The depthwise outputs, or every input channel's patches at the depthwise conv's output positions
         # (positions possibly flattened: only their count and order matter here).
-        return patches(x, self.pair.depthwise) if self.patches else self.pair.depthwise(x)
+        return patches(x, self.pair.depthwise, every, phase) if self.patches else self.pair.depthwise(x)
 
     def add(self, x: Tensor, y: Tensor, name: str) -> None:
         if isinstance(self.pair, KeptLayer):
@@ -79,9 +100,14 @@ class LayerStats:
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         per_sample = x[:1].numel() * (self.kernel if self.patches else self.pair.rank)
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        self.all_target_energy += float(y.detach().square().sum(dtype=torch.float64))
+        every = self.sampling_step(y.numel() // max(y.shape[1], 1))  # samples x positions
+        phase = self.calls % every % max(y.shape[-1], 1)  # as patches() reads it: along the last dimension, in the row
+        self.calls += 1
         for start in range(0, x.shape[0], step):
-            features = self._features(x[start : start + step])
+            features = self._features(x[start : start + step], every, phase)
             target = y[start : start + step]
+            target = target if every == 1 else target[..., phase::every]
             if features[0, 0].numel() != target[0, 0].numel() or target.shape[1] != self.pair.out_channels:
                 raise ConvsepValueError(
                     f"layer {name!r}: the original layer's outputs {tuple(target.shape)} do not match the pair's "
@@ -108,10 +134,11 @@ class LayerStats:
         if not distributed.active():
             return
         scalars = torch.tensor(
-            [self.count, self.target_energy, self.initial_error or 0.0], dtype=torch.float64, device=self.gram.device
-        )
+            [self.count, self.target_energy, self.initial_error or 0.0, self.all_target_energy],
+            dtype=torch.float64, device=self.gram.device,
+        )  # fmt: skip
         distributed.all_sum([self.gram, self.cross, self.feature_sum, self.target_sum, scalars])
-        self.count, self.target_energy = int(scalars[0]), float(scalars[1])
+        self.count, self.target_energy, self.all_target_energy = int(scalars[0]), float(scalars[1]), float(scalars[3])
         if self.initial_error is not None:
             self.initial_error = float(scalars[2])
 

@@ -95,7 +95,7 @@ def test_batches_larger_than_a_chunk_are_summed_chunk_by_chunk_to_the_same_fit(m
     whole = convsep.calibrate(copy.deepcopy(converted), model, [x], ridge=0.0)
     monkeypatch.setattr(least_squares, "_CHUNK_ELEMENTS", 3 * 36)  # one sample per chunk
     features, sizes = least_squares.LayerStats._features, []
-    monkeypatch.setattr(least_squares.LayerStats, "_features", lambda self, x: sizes.append(len(x)) or features(self, x))
+    monkeypatch.setattr(least_squares.LayerStats, "_features", lambda self, x, *how: sizes.append(len(x)) or features(self, x, *how))
     chunked = convsep.calibrate(copy.deepcopy(converted), model, [x], ridge=0.0)
     assert sizes == [1] * 16
     assert_pointwise_is(chunked[0], whole[0].pointwise.weight.flatten(1), whole[0].pointwise.bias)
