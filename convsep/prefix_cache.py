@@ -8,9 +8,9 @@ records the outermost such calls (a ResNet's stem and finished stages, a finishe
 the next pass instead of running them, so each pass computes little more than the stretch between two fitted layers.
 
 Works on any model, no graph needed: module calls are told apart by (module, how many times it was called in this
-forward), and an output is kept only when every leaf is a tensor or an immutable scalar. Kept outputs are copies
-(later in-place ops must not change them) and are served as copies, within a memory budget; past it, the calls run
-as before. Before a call is first served, it is run once and compared bit for bit with what would be served: a module
+forward), and an output is kept only when every leaf is a tensor or an immutable scalar and the forward did not
+change it in place after the call (version counters tell). Kept outputs are served as copies, within a memory
+budget; past it, the calls run as before. Before a call is first served, it is run once and compared bit for bit with what would be served: a module
 whose output is not a function of its inputs (hidden state, randomness in eval mode) turns the cache off, and so does
 data that comes in another order on another pass (shuffled), so the fits are the same as without the cache.
 """
@@ -118,15 +118,14 @@ class ConvertedPrefix:
         if kept is None and _keepable(output):
             # An in-place module (ReLU(inplace=True)) returns its input changed: served, it changes it the same way.
             in_place = isinstance(output, Tensor) and bool(args) and output is args[0]
-            kept = _Kept(tree_map(lambda leaf: leaf.detach().clone() if isinstance(leaf, Tensor) else leaf, output),
-                         in_place)  # fmt: skip
+            kept = _Kept(tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf, output), in_place)
         self._ended.append((depth, call, kept))
 
     def _keep(self) -> None:
         """This batch's outermost calls that ended before the cut, as many as fit the budget, in call order."""
         outputs = {}
         for _, call, output in self._ended:
-            if output is None:
+            if output is None or not output.unchanged():  # the model changed it in place after the call
                 continue
             size = sum(t.numel() * t.element_size() for t in tree_flatten(output.value)[0] if isinstance(t, Tensor))
             if self._bytes + size > self.budget:
@@ -164,12 +163,21 @@ class ConvertedPrefix:
 
 
 class _Kept:
-    """A call's output as it ended, and whether the call wrote it into its input."""
+    """A call's output as it ended, and whether the call wrote it into its input.
 
-    __slots__ = ("value", "in_place")
+    Not a copy: the model's own tensors, with their version counters (which every in-place op bumps, on views too)
+    so that one the forward changed after the call is known and not kept. Served, they are copied.
+    """
+
+    __slots__ = ("value", "in_place", "versions")
 
     def __init__(self, value: Any, in_place: bool) -> None:
         self.value, self.in_place = value, in_place
+        self.versions = [leaf._version for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
+
+    def unchanged(self) -> bool:
+        now = [leaf._version for leaf in tree_flatten(self.value)[0] if isinstance(leaf, Tensor)]
+        return now == self.versions
 
 
 def _keepable(output: Any) -> bool:

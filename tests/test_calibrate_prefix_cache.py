@@ -149,9 +149,10 @@ class Odd(nn.Module):
 
     def forward(self, x):
         y = self.counted(x=self.opaque(self.a(x))["value"])
+        z = self.b(torch.cat([self.both(y)[1], y], dim=1))
         if float(y.abs().sum()) >= 0:  # data-dependent: the root is not traced, its module calls stay
-            y.mul_(2)  # changes what `counted` returned: served, that must be a copy
-        return self.d(self.c(self.b(torch.cat([self.both(y)[1], y], dim=1)) + y))
+            y.mul_(2)  # changes what `counted` returned, after b: in b's pass, which keeps it, this never runs
+        return self.d(self.c(z + y))
 
 
 def direct_forward_inside():
@@ -172,8 +173,32 @@ def test_odd_module_calls_get_the_same_fits(model, budget, caplog):
 
 def test_an_output_that_cannot_be_kept_leaves_the_calls_after_it_served():
     torch.manual_seed(0)
-    # Counted runs after `a`: not in a's pass, in b's on the 3 batches, once more in c's to be checked, not in d's.
+    # Counted runs after `a`: not in a's pass, in b's on the 3 batches, once more in c's to be checked, not in d's
+    # (in c's and d's passes the caller changes a copy of it in place, not what is kept).
     assert calibrate(Odd().eval(), _data()).counted.calls == 1 + 3 + 1
+
+
+class ChangedInPlace(nn.Module):
+    """Adds to a conv's output in place before the next conv reads it: that output can never be kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.counted = Counted()
+        self.a, self.b, self.c = (nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1) for i in range(3))
+
+    def forward(self, x):
+        y = self.counted(x)
+        y = self.a(y)
+        y += 1.0  # `a`'s output, changed after its call
+        return self.c(self.b(y))
+
+
+def test_an_output_changed_in_place_after_its_call_is_not_served_what_it_was():
+    torch.manual_seed(0)
+    model = ChangedInPlace().eval()
+    cached = calibrate(model, _data())
+    assert_same_fits(cached, calibrate(model, _data(), budget=0))
+    assert cached.counted.calls == 1 + 0 + 3 + 1 + 0  # still served itself: nothing changes it
 
 
 def test_outputs_are_compared_leaf_by_leaf_and_by_structure():
