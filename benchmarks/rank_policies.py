@@ -168,6 +168,13 @@ def _ranks(choices) -> str:
     return " ".join("keep" if c is None else str(c) for c in choices)
 
 
+def publish(text: str, path: Path) -> int:
+    """Print a table's text and write it to `path`; main's exit status."""
+    print(text)
+    atomic_write(path, text)
+    return 0
+
+
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -276,6 +283,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                         help="the 0.25 budget's row trained with each seed (written to rank_policies_seeds.md)")
     args = parser.parse_args(argv)
+    command = f"python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     if args.threads:
         torch.set_num_threads(args.threads)
     if not DATA.is_dir():
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
         rows = every_allocation(model, calibration, test_x, test_y, example, args.every_allocation)
         text = (
             f"# Every rank allocation of small_cnn at {args.every_allocation:g} of its MACs, calibrated\n\n"
-            f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
+            f"`{command}`: small_cnn "
             f"(width 32) trained {args.epochs:g} epochs (seed {args.seed}), original test accuracy "
             f"{accuracy(model, test_x, test_y):.2%} on {len(test_x):,} test images. Every allocation within the budget "
             f"that no single layer's rank could be raised in, converted with the weight SVD and calibrated on "
@@ -302,16 +310,14 @@ def main(argv=None) -> int:
             f"{time.time() - started:.0f} s in all.\n\n"
             f"{tabulate(rows, ['ranks (per conv)', 'MACs kept', 'calibrated'], tablefmt='github')}\n"
         )
-        print(text)
-        atomic_write(args.output.with_name(f"rank_policies_every_allocation_{args.every_allocation:g}.md"), text)
-        return 0
+        return publish(text, args.output.with_name(f"rank_policies_every_allocation_{args.every_allocation:g}.md"))
     if args.seeds:
         rows, mean = over_seeds(x, y, test_x, test_y, calibration, example, args.seeds, args.epochs)
         headers = ["seed", "original", "ranks (default)", "weights, calibrated", "default, calibrated",
                    *(f"default, calibrated, {lever}" for lever in CALIBRATION_LEVERS)]  # fmt: skip
         text = (
             f"# small_cnn at 0.25 of its MACs over {len(args.seeds)} trainings\n\n"
-            f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
+            f"`{command}`: small_cnn "
             f"(width 32) trained {args.epochs:g} epochs with each seed on Fashion-MNIST; accuracy on the 10,000 test "
             f"images (and its drop from the original, in points), no backprop after conversion; statistics and "
             f"calibration on the same {len(calibration) * 128:,} unlabelled training images. \"weights\": allocation "
@@ -321,16 +327,14 @@ def main(argv=None) -> int:
             f"{tabulate(rows, headers, tablefmt='github')}\n\n"
             f"The issue's target, half the baseline's mean drop: {mean[0] / 2:+.2f} points.\n"
         )
-        print(text)
-        atomic_write(args.output.with_name("rank_policies_seeds.md"), text)
-        return 0
+        return publish(text, args.output.with_name("rank_policies_seeds.md"))
     if args.activation_aware_only:
         rows, pairs = activation_aware(model, calibration, test_x, test_y, example, (0.15, 0.25, 0.5))
         headers = ["budget (MACs)", "allocated by", "init", "ranks (per conv)", "MACs kept", "converted", "calibrated",
                    *(f"calibrated, {lever}" for lever in CALIBRATION_LEVERS)]  # fmt: skip
         text = (
             f"# Weight-based vs activation-aware conversion on Fashion-MNIST (small_cnn)\n\n"
-            f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
+            f"`{command}`: small_cnn "
             f"(width 32) trained {args.epochs:g} epochs (seed {args.seed}, {trained:.0f} s), original test accuracy "
             f"{accuracy(model, test_x, test_y):.2%} on {len(test_x):,} test images, no backprop after conversion. "
             f"Statistics and calibration: the same {len(calibration) * 128:,} training images, no labels. "
@@ -344,9 +348,7 @@ def main(argv=None) -> int:
             f"calibration, on the converted model's inputs, so earlier layers' errors add): Pearson correlation "
             f"{_correlation(pairs['refit']):.3f}; pairs {', '.join(f'{p:.3f}/{m:.3f}' for p, m in pairs['refit'])}.\n"
         )
-        print(text)
-        atomic_write(args.output.with_name("rank_policies_activation.md"), text)
-        return 0
+        return publish(text, args.output.with_name("rank_policies_activation.md"))
 
     policies = [
         ("original", None),
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
 
     text = (
         f"# Rank policies on Fashion-MNIST (small_cnn)\n\n"
-        f"`python benchmarks/rank_policies.py {' '.join(argv if argv is not None else sys.argv[1:])}`: small_cnn "
+        f"`{command}`: small_cnn "
         f"(width 32) trained {args.epochs:g} epochs (seed {args.seed}, {trained:.0f} s), test accuracy on "
         f"{len(test_x):,} test images right after conversion, no backprop. Calibration: "
         f"{len(calibration) * 128:,} training images, no labels. MACs per 28x28 image; {machine_line()}; "
