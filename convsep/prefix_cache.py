@@ -127,7 +127,8 @@ class ConvertedPrefix:
         for _, call, output in self._ended:
             if output is None or not output.unchanged():  # the model changed it in place after the call
                 continue
-            size = sum(t.numel() * t.element_size() for t in tree_flatten(output.value)[0] if isinstance(t, Tensor))
+            # The whole storage: a view keeps all of it alive.
+            size = sum(t.untyped_storage().nbytes() for t in tree_flatten(output.value)[0] if isinstance(t, Tensor))
             if self._bytes + size > self.budget:
                 break
             self._bytes += size

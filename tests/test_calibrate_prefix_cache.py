@@ -99,6 +99,20 @@ def test_nothing_is_kept_past_the_budget():
     assert counted_calls(model, _data(), budget=2 * 3072) == 1 + 3 + (1 + 1) + 1 + 1
 
 
+class Sliced(Counted):
+    """Its output is a view of a tensor eight times larger, which keeping the output keeps alive."""
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.cat([x + 1.0] * 8, dim=1)[:, :3]
+
+
+@pytest.mark.parametrize("budget, calls", [(3 * 3072, 1 + 4 * 3), (1 << 20, 1 + 3 + 1)])
+def test_a_view_counts_as_its_whole_storage(budget, calls):
+    # Three batches of a 3,072-byte view of 24,576 bytes: a budget for the views alone keeps none of them.
+    assert counted_calls(chain(Sliced()).eval(), _data(), budget=budget) == calls
+
+
 class SideEffect(nn.Module):
     """Calls an in-place ReLU for its effect on `y` alone, between three convs."""
 
