@@ -101,13 +101,19 @@ class LayerStats:
         per_sample = x[:1].numel() * (self.kernel if self.patches else self.pair.rank)
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
         self.all_target_energy += float(y.detach().square().sum(dtype=torch.float64))
-        every = self.sampling_step(y.numel() // max(y.shape[1], 1))  # samples x positions
-        phase = self.calls % every % max(y.shape[-1], 1)  # as patches() reads it: along the last dimension, in the row
+        # Along the last dimension, within the row (as patches() reads it): a step past the row's end takes one
+        # position per row, so the phases rotate over the row.
+        every = min(self.sampling_step(y.numel() // max(y.shape[1], 1)), max(y.shape[-1], 1))
+        phase = self.calls % every
         self.calls += 1
         for start in range(0, x.shape[0], step):
             features = self._features(x[start : start + step], every, phase)
             target = y[start : start + step]
-            target = target if every == 1 else target[..., phase::every]
+            sampled = target if every == 1 else target[..., phase::every]
+            # Each sampled position stands for the ones skipped in its call: calls of other sizes (a smaller last
+            # batch, a shared layer on two scales) weigh in by their positions, as without sampling.
+            weight = target[0, 0].numel() / max(sampled[0, 0].numel(), 1)
+            target = sampled
             if features[0, 0].numel() != target[0, 0].numel() or target.shape[1] != self.pair.out_channels:
                 raise ConvsepValueError(
                     f"layer {name!r}: the original layer's outputs {tuple(target.shape)} do not match the pair's "
@@ -117,12 +123,12 @@ class LayerStats:
             # as fast as float64), accumulated over chunks and batches in float64.
             f = _by_group(features.detach(), self.groups)  # (groups, features per group, positions)
             t = _by_group(target.detach().to(f.dtype), self.groups)
-            self.gram += torch.bmm(f, f.transpose(1, 2)).double()
-            self.cross += torch.bmm(f, t.transpose(1, 2)).double()
-            self.feature_sum += f.sum(dim=2).double()
-            self.target_sum += t.sum(dim=2).double()
-            self.count += f.shape[-1]
-            self.target_energy += float(t.square().sum(dtype=torch.float64))
+            self.gram += torch.bmm(f, f.transpose(1, 2)).double() * weight
+            self.cross += torch.bmm(f, t.transpose(1, 2)).double() * weight
+            self.feature_sum += f.sum(dim=2).double() * weight
+            self.target_sum += t.sum(dim=2).double() * weight
+            self.count += round(f.shape[-1] * weight)
+            self.target_energy += float(t.square().sum(dtype=torch.float64)) * weight
 
     def finite(self) -> bool:
         """Whether every sum is finite: one NaN or inf in the data poisons them all, and then the fit."""

@@ -7,19 +7,24 @@ layer's first call, in the pass that fitted it, computed the same outputs as it 
 records the outermost such calls (a ResNet's stem and finished stages, a finished block) and serves their outputs in
 the next pass instead of running them, so each pass computes little more than the stretch between two fitted layers.
 
-Works on any model, no graph needed: module calls are told apart by (module, how many times it was called in this
-forward), and an output is kept only when every leaf is a tensor or an immutable scalar and the forward did not
-change it in place after the call (version counters tell). Kept outputs are served as copies, within a memory
-budget; past it, the calls run as before. Before a call is first served, it is run once and compared bit for bit with what would be served: a module
-whose output is not a function of its inputs (hidden state, randomness in eval mode) turns the cache off, and so does
-data that comes in another order on another pass (shuffled), so the fits are the same as without the cache.
+Works on any model, no graph needed. A call is known by where it sits in the tree of calls (its parent call's key,
+its module, how often that module was called before in the parent call), which serving a call's own calls does not
+shift. Only a call that did nothing but compute its output is served: one that changed an input in place
+(ReLU(inplace=True)), returned memory it shares with an input (a view, its input itself), or changed its modules
+(rebound an attribute, a U-Net encoder keeping its output; a buffer or parameter in place) runs, and so does every
+module with hooks of anyone else's (timm's feature hooks), TorchScript, and a call whose output the forward changed
+in place after it (version counters tell). Kept outputs are the model's own tensors, served as copies, within a
+memory budget; past it, the calls run as before. Before a call is first served, it is run once and compared bit for
+bit with what would be served: a module whose output is not a function of its inputs (state outside the model,
+randomness in eval mode) turns the cache off, and so does data that comes in another order on another pass
+(shuffled), so the fits are the same as without the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +35,16 @@ from .model_runs import fingerprint
 log = logging.getLogger(__name__)
 
 _IMMUTABLE = (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)
-Key = tuple[int, int]  # (id of the module, its call number in the forward)
+
+
+class _Frame:
+    """A module call in progress: its key (where it sits in the tree of calls, which a served call's own calls do not
+    shift), how often each child module has been called in it, and its inputs with their version counters."""
+
+    __slots__ = ("module", "key", "children", "inputs", "state")
+
+    def __init__(self, module: Optional[nn.Module], key: tuple, inputs: list, state: Optional[list]) -> None:
+        self.module, self.key, self.children, self.inputs, self.state = module, key, {}, inputs, state
 
 
 class ConvertedPrefix:
@@ -43,8 +57,8 @@ class ConvertedPrefix:
     def __init__(self, model: nn.Module, budget: int) -> None:
         self.model, self.budget = model, budget
         self.enabled = budget > 0
-        self.served: dict[int, tuple[tuple, dict[Key, Any]]] = {}  # batch index -> (fingerprint, outputs by call)
-        self.verified: set[Key] = set()
+        self.served: dict[int, tuple[tuple, dict[tuple, Any]]] = {}  # batch index -> (fingerprint, outputs by call)
+        self.verified: set[tuple] = set()
         self._active = False  # in a batch: calls of the converted model's modules elsewhere are not this forward's
 
     @contextlib.contextmanager
@@ -53,16 +67,17 @@ class ConvertedPrefix:
             yield
             return
         self._target, self._recorded, self._bytes = layer, {}, 0
-        modules = [m for m in self.model.modules() if m is not self.model]
-        handles = [m.register_forward_pre_hook(self._before, prepend=True) for m in modules]
-        handles += [m.register_forward_hook(self._after) for m in modules]
-        originals = {}
-        served_modules = {key[0] for _, outputs in self.served.values() for key in outputs}
-        for module in modules:
-            if id(module) in served_modules and id(module) not in originals:
-                originals[id(module)] = (module, module.__dict__.get("forward"))
-                module.forward = self._serving(module, module.forward)
+        self._servable = _servable(self.model)  # id -> the modules a call of it may change
+        modules = [m for m in _hookable(self.model) if m is not self.model]
+        handles, originals = [], {}
+        served_modules = {key[-2] for _, outputs in self.served.values() for key in outputs}
         try:
+            for module in modules:
+                handles.append(module.register_forward_pre_hook(self._before, prepend=True, with_kwargs=True))
+                handles.append(module.register_forward_hook(self._after, with_kwargs=True))
+                if id(module) in served_modules:
+                    originals[id(module)] = (module, module.__dict__.get("forward"))
+                    module.forward = self._serving(module, module.forward)
             yield
         finally:
             for handle in handles:
@@ -84,9 +99,8 @@ class ConvertedPrefix:
             self._disable(f"calibration batch {index}: the data gave other batches than on the pass before (shuffled?)")
         self._index, self._key = index, key
         self._now = served[1] if served is not None and self.enabled else {}
-        self._calls: dict[int, int] = {}
-        self._stack: list[tuple[nn.Module, int]] = []
-        self._ended: list[tuple[int, Key, Any]] = []  # (depth, call, output) of the outermost calls that ended
+        self._stack = [_Frame(None, (), [], None)]  # the root's call, which is not hooked
+        self._ended: list[tuple[int, tuple, Any]] = []  # (depth, call, output) of the outermost calls that ended
         self._cut, self._active = False, True
         try:
             yield
@@ -95,31 +109,33 @@ class ConvertedPrefix:
             if self._cut and self.enabled:
                 self._keep()
 
-    def _before(self, module: nn.Module, _args) -> None:
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._active:
             return
         if module is self._target:
             self._cut = True  # what ends from here on may depend on the layer about to be fitted
-        number = self._calls.get(id(module), 0)
-        self._calls[id(module)] = number + 1
-        self._stack.append((module, number))
+        parent = self._stack[-1]
+        number = parent.children.get(id(module), 0)
+        parent.children[id(module)] = number + 1
+        inputs = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        within = self._servable.get(id(module))
+        state = None if within is None or self._cut else _state(within)
+        self._stack.append(_Frame(module, (parent.key, id(module), number), inputs, state))
 
-    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self._active or not self._stack:
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._active or len(self._stack) < 2:
             return
         depth = len(self._stack)
-        _, number = self._stack.pop()
+        frame = self._stack.pop()
         if self._cut:
             return
         while self._ended and self._ended[-1][0] > depth:  # its own calls: served with it from now on
             self._ended.pop()
-        call = (id(module), number)
-        kept = self._now.get(call)  # served: the copy kept, not the one the model may have changed since
-        if kept is None and _keepable(output):
-            # An in-place module (ReLU(inplace=True)) returns its input changed: served, it changes it the same way.
-            in_place = isinstance(output, Tensor) and bool(args) and output is args[0]
-            kept = _Kept(tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf, output), in_place)
-        self._ended.append((depth, call, kept))
+        kept = self._now.get(frame.key)  # served: the copy kept, not the one the model may have changed since
+        if (kept is None and frame.state is not None and _keepable(output) and _apart(output, frame.inputs)
+                and _state(self._servable[id(module)]) == frame.state):  # fmt: skip
+            kept = _Kept(tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf, output))
+        self._ended.append((depth, frame.key, kept))
 
     def _keep(self) -> None:
         """This batch's outermost calls that ended before the cut, as many as fit the budget, in call order."""
@@ -139,9 +155,9 @@ class ConvertedPrefix:
     def _serving(self, module: nn.Module, forward):
         def serve(*args, **kwargs):
             # Only a call through module(...) in this forward (its pre-hook is on top): not a direct .forward() call.
-            if not (self._active and self.enabled and self._stack and self._stack[-1][0] is module):
+            if not (self._active and self.enabled and self._stack[-1].module is module):
                 return forward(*args, **kwargs)
-            call = (id(module), self._stack[-1][1])
+            call = self._stack[-1].key
             kept = self._now.get(call)
             if kept is None:
                 return forward(*args, **kwargs)
@@ -152,8 +168,6 @@ class ConvertedPrefix:
                     return live
                 self.verified.add(call)
                 return live
-            if kept.in_place:
-                return args[0].copy_(kept.value)
             return tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, kept.value)
 
         return serve
@@ -164,21 +178,78 @@ class ConvertedPrefix:
 
 
 class _Kept:
-    """A call's output as it ended, and whether the call wrote it into its input.
+    """A call's output as it ended: not a copy but the model's own tensors, with their version counters (which every
+    in-place op bumps, on views too), so that one the forward changed after the call is known and not kept. Served,
+    they are copied."""
 
-    Not a copy: the model's own tensors, with their version counters (which every in-place op bumps, on views too)
-    so that one the forward changed after the call is known and not kept. Served, they are copied.
-    """
+    __slots__ = ("value", "versions")
 
-    __slots__ = ("value", "in_place", "versions")
-
-    def __init__(self, value: Any, in_place: bool) -> None:
-        self.value, self.in_place = value, in_place
+    def __init__(self, value: Any) -> None:
+        self.value = value
         self.versions = [leaf._version for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
 
     def unchanged(self) -> bool:
         now = [leaf._version for leaf in tree_flatten(self.value)[0] if isinstance(leaf, Tensor)]
         return now == self.versions
+
+
+def _servable(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """The modules whose calls may be served, each with the modules of its subtree: none with hooks of anyone else's
+    (they may read what a call passes by), no TorchScript (it takes no hooks)."""
+    if _global_hooks():
+        return {}
+    servable: dict[int, list[nn.Module]] = {}
+
+    def visit(module: nn.Module) -> bool:
+        ok = True
+        for child in module.children():
+            ok = visit(child) and ok
+        ok = ok and not isinstance(module, torch.jit.ScriptModule)
+        ok = ok and not (module._forward_hooks or module._forward_pre_hooks)
+        if ok:
+            servable[id(module)] = list(module.modules())
+        return ok
+
+    visit(model)
+    return servable
+
+
+def _state(modules: list[nn.Module]) -> list:
+    """What a call could change on its modules besides its output: every attribute (rebinding one changes its id),
+    and the buffers and parameters in place (their version counters). A call that changed any of it (a U-Net encoder
+    keeping its output for a later layer, a counter) is run, never served."""
+    state = []
+    for module in modules:
+        for name, value in module.__dict__.items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                state += [(key, id(item), getattr(item, "_version", None)) for key, item in value.items()]
+            else:
+                state.append((name, id(value)))
+    return state
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_file
+
+    return bool(module_file._global_forward_hooks or module_file._global_forward_pre_hooks)
+
+
+def _hookable(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules that take hooks: not TorchScript modules, nor what they hold."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return
+    yield model
+    for child in model.children():
+        yield from _hookable(child)
+
+
+def _apart(output: Any, inputs: list) -> bool:
+    """Whether the call left its inputs as they were and returned nothing that shares their memory: served, a call
+    that changed an input in place (ReLU(inplace=True)) or returned a view of one (chunk) would do neither."""
+    if any(t._version != version for t, version in inputs):
+        return False
+    held = {t.untyped_storage().data_ptr() for t, _ in inputs}
+    return not any(isinstance(o, Tensor) and o.untyped_storage().data_ptr() in held for o in tree_flatten(output)[0])
 
 
 def _keepable(output: Any) -> bool:

@@ -4,6 +4,7 @@ layer, with the modules before the last fitted layer run once per batch, and nev
 
 import logging
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -17,17 +18,25 @@ from convsep import prefix_cache
 calibrate_module = sys.modules["convsep.calibrate"]  # `convsep.calibrate` is the function
 
 
+CALLS: Counter = Counter()  # calls per Counted module, kept outside the model: a call that changes it is never served
+
+
 class Counted(nn.Module):
-    """Its input plus a constant, counting its calls; `drift` adds the call count too (an output that is not a
+    """Its input plus one (or `body` of it), counting its calls; `drift` adds the count too (an output that is not a
     function of the input alone)."""
 
-    def __init__(self, drift=False):
+    def __init__(self, body=None, drift=False):
         super().__init__()
-        self.calls, self.drift = 0, drift
+        self.body, self.drift = body, drift
+
+    @property
+    def calls(self):
+        return CALLS[id(self)]
 
     def forward(self, x):
-        self.calls += 1
-        return x + (self.calls if self.drift else 1.0)
+        CALLS[id(self)] += 1
+        y = x + 1.0 if self.body is None else self.body(x)
+        return y + CALLS[id(self)] if self.drift else y
 
 
 def chain(first=None):
@@ -46,8 +55,7 @@ def calibrate(model, data, budget=None, **kwargs):
     """Calibrate a rank-1 conversion of `model`, with `budget` bytes for the cache (None: calibrate's own)."""
     converted = convsep.convert(model, rank=1)
     for module in converted.modules():  # count calibration's calls only
-        if isinstance(module, Counted):
-            module.calls = 0
+        CALLS.pop(id(module), None)
     if budget is None:
         return convsep.calibrate(converted, model, data, **kwargs)
     original = calibrate_module.ConvertedPrefix
@@ -99,18 +107,11 @@ def test_nothing_is_kept_past_the_budget():
     assert counted_calls(model, _data(), budget=2 * 3072) == 1 + 3 + (1 + 1) + 1 + 1
 
 
-class Sliced(Counted):
-    """Its output is a view of a tensor eight times larger, which keeping the output keeps alive."""
-
-    def forward(self, x):
-        self.calls += 1
-        return torch.cat([x + 1.0] * 8, dim=1)[:, :3]
-
-
 @pytest.mark.parametrize("budget, calls", [(3 * 3072, 1 + 4 * 3), (1 << 20, 1 + 3 + 1)])
 def test_a_view_counts_as_its_whole_storage(budget, calls):
     # Three batches of a 3,072-byte view of 24,576 bytes: a budget for the views alone keeps none of them.
-    assert counted_calls(chain(Sliced()).eval(), _data(), budget=budget) == calls
+    sliced = Counted(body=lambda x: torch.cat([x + 1.0] * 8, dim=1)[:, :3])
+    assert counted_calls(chain(sliced).eval(), _data(), budget=budget) == calls
 
 
 class SideEffect(nn.Module):
@@ -157,7 +158,7 @@ class Odd(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.both, self.opaque, self.counted = Odd.Both(), Odd.Opaque(), Counted()
+        self.both, self.opaque, self.counted = torch.fx.symbolic_trace(Odd.Both()), Odd.Opaque(), Counted()
         self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(12, 6, 3, padding=1)
         self.c, self.d = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3)
 
@@ -167,6 +168,128 @@ class Odd(nn.Module):
         if float(y.abs().sum()) >= 0:  # data-dependent: the root is not traced, its module calls stay
             y.mul_(2)  # changes what `counted` returned, after b: in b's pass, which keeps it, this never runs
         return self.d(self.c(z + y))
+
+
+class SharedActivation(nn.Module):
+    """One ReLU inside a stage and at the top level: serving the stage must not shift the top-level calls' keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.stage = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), self.act)
+        self.b, self.c, self.d = (nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        x = self.act(self.stage(x))
+        return self.d(self.act(self.c(self.act(self.b(x)))))
+
+
+class InPlaceBranch(nn.Module):
+    """A branch that changes its input in place (ReLU(inplace=True) first) and returns another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.branch = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1))
+        self.c, self.d = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x + self.branch(x)  # x was changed by the branch before the addition reads it
+        return self.d(self.c(x))
+
+
+class StoresSkip(nn.Module):
+    """An encoder that keeps its output on itself for a later layer: a side effect no served call would have."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+        def forward(self, x):
+            self.skip = self.conv(x)
+            return self.skip.relu()
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = StoresSkip.Encoder()
+        self.b, self.c, self.d = (nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        x = self.b(self.encoder(x))
+        return self.d(self.c(x + self.encoder.skip))
+
+
+class Halves(nn.Module):
+    """A module returning views of its input (chunk), one changed in place later while the whole is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.split = nn.Conv2d(3, 8, 3, padding=1), torch.fx.symbolic_trace(Halves.Split())
+        self.b, self.c, self.d = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3)
+
+    class Split(nn.Module):
+        def forward(self, x):
+            return x.chunk(2, dim=1)
+
+    def forward(self, x):
+        t = self.a(x)
+        first, second = self.split(t)
+        y = self.b(first)
+        second.relu_()  # a view of t
+        return self.d(self.c(t + y))
+
+
+class ExpandedIdentity(nn.Module):
+    """Eval-mode Dropout returns its input itself, here an expanded tensor (several elements, one memory place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x + self.drop(x.mean(1, keepdim=True).expand(-1, 3, -1, -1)))))
+
+
+class FeatureHook(nn.Module):
+    """A forward hook inside a stage keeps its output for a later layer (timm's feature hooks): served whole, the
+    stage would not call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.b, self.c, self.d = (nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
+        self.stage[1].store = {}  # filled in place: no attribute of the model changes
+        self.stage[1].register_forward_hook(lambda module, _args, output: module.store.__setitem__("out", output))
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.stage(x)) + self.stage[1].store["out"]))
+
+
+def scripted_child():
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1) for i in range(4)]
+    return nn.Sequential(convs[0], torch.jit.script(nn.ReLU()), convs[1], nn.ReLU(), convs[2], nn.ReLU(), convs[3])
+
+
+@pytest.mark.parametrize(
+    "model", [SharedActivation, InPlaceBranch, StoresSkip, FeatureHook, Halves, ExpandedIdentity, scripted_child],
+    ids=lambda m: m.__name__,
+)  # fmt: skip
+def test_calls_that_cannot_be_served_as_they_ran_are_run(model):
+    torch.manual_seed(0)
+    model = model().eval()
+    assert_same_fits(calibrate(model, _data()), calibrate(model, _data(), budget=0))
+
+
+def test_no_hook_is_left_on_the_model_when_calibration_fails():
+    model = chain().eval()
+    converted = convsep.convert(model, rank=1)
+    with pytest.raises(convsep.InputShapeError):
+        convsep.calibrate(converted, model, [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 8, 8)])
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in converted.modules())
 
 
 def direct_forward_inside():

@@ -53,28 +53,43 @@ def test_the_sums_are_those_of_the_sampled_positions(monkeypatch):
     stats.add(x, y, "conv")
     columns = F.unfold(x, 3, padding=1).reshape(3, 72, 7, 7)[..., phase::step].permute(1, 0, 2, 3).reshape(72, -1)
     targets = y[..., phase::step].permute(1, 0, 2, 3).reshape(8, -1)
-    assert step > 1 and stats.count == columns.shape[1]
-    torch.testing.assert_close(stats.gram[0], (columns @ columns.T).double(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats.cross[0], (columns @ targets.T).double(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats.target_sum[0], targets.sum(1).double(), rtol=1e-5, atol=1e-4)
-    assert stats.target_energy == pytest.approx(float(targets.square().sum()), rel=1e-5)
+    weight = 49 / (columns.shape[1] / 3)  # each sampled position stands for the call's skipped ones
+    assert step > 1 and stats.count == 3 * 49
+    torch.testing.assert_close(stats.gram[0], (columns @ columns.T).double() * weight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.cross[0], (columns @ targets.T).double() * weight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.target_sum[0], targets.sum(1).double() * weight, rtol=1e-5, atol=1e-4)
+    assert stats.target_energy == pytest.approx(float(targets.square().sum()) * weight, rel=1e-5)
     assert stats.all_target_energy == pytest.approx(float(y.square().sum()), rel=1e-5)
 
 
 def test_as_many_calls_as_the_step_cover_every_position_once(monkeypatch):
     monkeypatch.setattr(least_squares, "ROWS_PER_COLUMN", 1)
     conv, separable = pair()
-    x = torch.randn(3, 8, 7, 7)
+    x = torch.randn(3, 8, 8, 8)
     with torch.no_grad():
         y = conv(x)
     sampled, whole = LayerStats(separable, True, batches=1), LayerStats(separable, True)
-    step = sampled.sampling_step(3 * 49)
+    step = sampled.sampling_step(3 * 64)
     for _ in range(step):
         sampled.add(x, y, "conv")
     whole.add(x, y, "conv")
-    assert step > 1 and sampled.count == whole.count == 3 * 49
+    # Each call's sums stand for the whole call (weighted by the positions it skipped): together, step times it.
+    assert step == 2 and sampled.count == step * whole.count == step * 3 * 64
     for name in ("gram", "cross", "feature_sum", "target_sum"):
-        torch.testing.assert_close(getattr(sampled, name), getattr(whole, name), rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(getattr(sampled, name) / step, getattr(whole, name), rtol=1e-6, atol=1e-4)
+
+
+def test_a_smaller_call_weighs_in_by_its_positions_not_by_how_densely_it_was_sampled(monkeypatch):
+    monkeypatch.setattr(least_squares, "ROWS_PER_COLUMN", 1)
+    conv, separable = pair()
+    large, small = torch.randn(4, 8, 16, 16), torch.randn(1, 8, 4, 4)
+    stats = LayerStats(separable, True, batches=1)
+    with torch.no_grad():
+        steps = [stats.sampling_step(4 * 256), stats.sampling_step(16)]
+        for x in (large, small):
+            stats.add(x, conv(x), "conv")
+    assert steps == [9, 1]  # the large call sampled, the small one summed in full
+    assert stats.count == 4 * 256 + 16
 
 
 @pytest.mark.parametrize("sequential", [True, False])
@@ -90,7 +105,7 @@ def test_sampled_alternation_fits_as_well_and_the_error_before_is_still_measured
         target = torch.cat([model(x) for x in data])
         errors = [float((torch.cat([m(x) for x in data]) - target).norm() / target.norm()) for m in (sampled, whole)]
     assert errors[0] <= 1.02 * errors[1]
-    assert not all(torch.equal(a, b) for a, b in zip(sampled.state_dict().values(), whole.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(sampled.state_dict().values(), whole.state_dict().values(), strict=True))
     # In order it is measured on every position as the outputs go by; at once it comes from the sampled sums.
     for name, record in whole.convsep_plan.calibration["layers"].items():
         initial = sampled.convsep_plan.calibration["layers"][name]["initial"]
