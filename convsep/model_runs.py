@@ -250,5 +250,16 @@ class OriginalOutputs:
 
 
 def fingerprint(inputs: Any) -> tuple:
-    """What tells one batch from another cheaply: each input tensor's shape and float64 sum."""
-    return tuple((tuple(t.shape), float(t.sum(dtype=torch.float64))) for t in as_args(inputs) if isinstance(t, Tensor))
+    """What tells one batch from another cheaply: each input tensor's shape, float64 sum, and sum weighted by the
+    position along its last two dimensions (a flipped image, the common augmentation, has the same plain sum)."""
+    return tuple((tuple(t.shape), float(t.sum(dtype=torch.float64)), _weighted_sum(t))
+                 for t in as_args(inputs) if isinstance(t, Tensor))  # fmt: skip
+
+
+def _weighted_sum(t: Tensor) -> float:
+    if t.dim() == 0:
+        return 0.0
+    last = t.shape[-2:] if t.dim() >= 2 else t.shape[-1:]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # exact weights up to 2^24 positions
+    ramp = torch.arange(1, last.numel() + 1, device=t.device, dtype=dtype).reshape(last)
+    return float((t.detach() * ramp).sum(dtype=torch.float64))

@@ -111,6 +111,24 @@ def test_data_that_comes_in_another_order_on_each_pass_is_fitted_as_in_a_fixed_o
         torch.testing.assert_close(shuffled.state_dict()[name], value, rtol=1e-4, atol=1e-5)
 
 
+class Flipping(Shuffled):
+    """The same batches, mirrored left to right on every other pass (a random flip, the common augmentation, keeps
+    each batch's plain sum)."""
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes % 2 else [x.flip(-1) for x in self.batches])
+
+
+def test_a_batch_mirrored_on_another_pass_is_told_apart(caplog):
+    torch.manual_seed(0)
+    model = Shared().eval()
+    with caplog.at_level("INFO", logger="convsep.model_runs"):
+        convsep.calibrate(convsep.convert(model, rank=1), model, Flipping(_data()))
+    said = [r.getMessage() for r in caplog.records if r.name == "convsep.model_runs"]
+    assert len(said) == 1 and "the data gave other batches than on the pass before (shuffled?)" in said[0]
+
+
 def test_a_pair_that_cannot_run_on_the_original_layers_input_is_named(monkeypatch):
     torch.manual_seed(0)
     model = Shared().eval()
