@@ -100,7 +100,8 @@ class LayerStats:
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         per_sample = x[:1].numel() * (self.kernel if self.patches else self.pair.rank)
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
-        self.all_target_energy += float(y.detach().square().sum(dtype=torch.float64))
+        energy = float(y.detach().float().square().sum(dtype=torch.float64))  # float(): half precision would overflow
+        self.all_target_energy += energy
         # Along the last dimension, within the row (as patches() reads it): a step past the row's end takes one
         # position per row, so the phases rotate over the row.
         every = min(self.sampling_step(y.numel() // max(y.shape[1], 1)), max(y.shape[-1], 1))
@@ -128,7 +129,10 @@ class LayerStats:
             self.feature_sum += f.sum(dim=2).double() * weight
             self.target_sum += t.sum(dim=2).double() * weight
             self.count += round(f.shape[-1] * weight)
-            self.target_energy += float(t.square().sum(dtype=torch.float64)) * weight
+            if every > 1:  # else the call's energy, summed once above
+                self.target_energy += float(t.square().sum(dtype=torch.float64)) * weight
+        if every == 1:
+            self.target_energy += energy
 
     def finite(self) -> bool:
         """Whether every sum is finite: one NaN or inf in the data poisons them all, and then the fit."""

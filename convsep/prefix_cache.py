@@ -117,7 +117,7 @@ class ConvertedPrefix:
         parent = self._stack[-1]
         number = parent.children.get(id(module), 0)
         parent.children[id(module)] = number + 1
-        inputs = [(t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        inputs = [(t, t._version) for t in _tensors((args, kwargs))]
         within = self._servable.get(id(module))
         state = None if within is None or self._cut else _state(within)
         self._stack.append(_Frame(module, (parent.key, id(module), number), inputs, state))
@@ -144,7 +144,7 @@ class ConvertedPrefix:
             if output is None or not output.unchanged():  # the model changed it in place after the call
                 continue
             # The whole storage: a view keeps all of it alive.
-            size = sum(t.untyped_storage().nbytes() for t in tree_flatten(output.value)[0] if isinstance(t, Tensor))
+            size = sum(t.untyped_storage().nbytes() for t in _tensors(output.value))
             if self._bytes + size > self.budget:
                 break
             self._bytes += size
@@ -186,11 +186,10 @@ class _Kept:
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self.versions = [leaf._version for leaf in tree_flatten(value)[0] if isinstance(leaf, Tensor)]
+        self.versions = [t._version for t in _tensors(value)]
 
     def unchanged(self) -> bool:
-        now = [leaf._version for leaf in tree_flatten(self.value)[0] if isinstance(leaf, Tensor)]
-        return now == self.versions
+        return [t._version for t in _tensors(self.value)] == self.versions
 
 
 def _servable(model: nn.Module) -> dict[int, list[nn.Module]]:
@@ -249,7 +248,12 @@ def _apart(output: Any, inputs: list) -> bool:
     if any(t._version != version for t, version in inputs):
         return False
     held = {t.untyped_storage().data_ptr() for t, _ in inputs}
-    return not any(isinstance(o, Tensor) and o.untyped_storage().data_ptr() in held for o in tree_flatten(output)[0])
+    return not any(t.untyped_storage().data_ptr() in held for t in _tensors(output))
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors among the leaves of a (nested) output or argument list."""
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, Tensor)]
 
 
 def _keepable(output: Any) -> bool:
