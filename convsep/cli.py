@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .aware import CONVERT_INITS
 from .checkpoint import Checkpoint, check_destination, read, save
 from .convert import convert
 from .errors import ConvsepError, ConvsepTypeError, ConvsepValueError, InputShapeError, error_summary
@@ -267,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
         "head), on their inputs in the converted model",
     )  # fmt: skip
     convert_parser.add_argument(
-        "--init", choices=("auto", "svd", "activation", "random"), default="auto",
-        help="factorisation: 'svd' (least weight error), 'activation' (least output error on --calibrate-with data), "
-        "'auto' (activation with --calibrate-with --no-refit, else svd; the default), or 'random'",
+        "--init", choices=CONVERT_INITS, default="auto",
+        help="factorisation: 'svd' (least weight error), 'activation' (per channel, least output error on "
+        "--calibrate-with data), 'joint' (filters and pointwise weights fitted together on the layer's outputs on "
+        "--calibrate-with data), 'auto' (the default: joint with --calibrate-with and --budget, activation with "
+        "--calibrate-with --no-refit, else svd), or 'random'",
     )  # fmt: skip
     convert_parser.add_argument(
         "--allocate-by", choices=("auto", "weights", "activations"), default="auto",

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
+from .activations import InputMoments, sampling_step
 from .aware import gather, resolve_choices
 from .batches import rereadable
 from .budget import allocate, cheapest_cost, options_from_errors, spectrum_errors
@@ -26,6 +27,7 @@ from .calibrate import calibrate
 from .count import (
     break_even_rank,
     conv_macs,
+    conv_macs_per_position,
     conv_params,
     kernel_elements,
     largest_saving_rank,
@@ -37,6 +39,7 @@ from .count import (
 from .eager import require_eager
 from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error
+from .joint_fit import JOINT_RIDGE, JOINT_ROUNDS, fit_jointly, rounds_affordable, why_not_joint
 from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
 from .plan import ConversionPlan, LayerDecision, attach_plan, plan_of
@@ -69,6 +72,7 @@ class Candidate:
     refit_errors: Optional[list[float]] = None  # predicted output error after calibration's refit, per rank
     refit_ranks: Optional[int] = None  # how many ranks to predict refit_errors for (None: every rank)
     pair: Optional[nn.Module] = None  # the replacement, once built
+    moments: Optional[InputMoments] = None  # init="joint": the cross-channel input moments the pair is fitted on
 
     @property
     def kernel(self) -> _ConvNd:
@@ -85,7 +89,7 @@ class Candidate:
         allowed none), the weight SVD for 'svd', nothing (random) otherwise."""
         if init == "activation" and self.whitened is not None:
             return self.whitened
-        return self.spectrum() if init in ("svd", "activation") else None
+        return self.spectrum() if init in ("svd", "activation", "joint") else None
 
     def allocation_errors(self, by: str) -> list[float]:
         """The squared relative error per rank that the budget trades: the output's (after calibration's refit when
@@ -97,6 +101,24 @@ class Candidate:
     def build_pair(self, svd: Optional[ChannelSVD] = None) -> nn.Module:
         """The pair at the decided rank: SVD factors when `svd` is given, else random init."""
         return SEPARABLE_FOR_DIMS[len(self.conv.kernel_size)]._build(self.kernel, self.decision.rank, svd)
+
+    def fit_on_moments(self) -> None:
+        """init="joint": fit the built pair on the conv's input moments (joint_fit.py), then let the moments go."""
+        moments, self.moments = self.moments, None
+        reason = why_not_joint(self.pair, moments)
+        if reason is not None:
+            self.decision.joint_fit = f"weight SVD: {reason}"
+            return
+        c = self.conv
+        seen = moments.count * sampling_step(c, moments.block)  # about every output position of the data
+        macs = seen * conv_macs_per_position(c.out_channels, c.in_channels, kernel_elements(c.kernel_size), c.groups)
+        affordable = rounds_affordable(self.pair, macs)
+        _, after, rounds = fit_jointly(self.pair, self.kernel.weight, self.kernel.bias, moments, self.decision.name,
+                                       JOINT_RIDGE, affordable)  # fmt: skip
+        capped = "" if rounds < affordable or affordable == JOINT_ROUNDS else "; more would cost more than the conv over the data"
+        self.decision.joint_fit = f"fitted on the input moments ({rounds} rounds{capped})"
+        # What calibration's refit of the pointwise weights leaves on the original model's inputs, with these filters.
+        self.decision.predicted_refit_error = after
 
 
 def convert(
@@ -131,9 +153,12 @@ def convert(
     init: "svd" (closed form from the kernels: the per-channel truncated SVD, least weight error),
         "activation" (needs calibration_data: per channel, the truncation that least changes the
         layer's output on the inputs it sees, from one pass of the original model over the data;
-        see factorize.py), "auto" (the default: "activation" when calibration_data is given with
-        refit=False, else "svd": after calibration the weight SVD did as well or better in our
-        measurements), or "random" (PyTorch's default init).
+        see factorize.py), "joint" (needs calibration_data: the weight SVD's pair, then its depthwise
+        filters and pointwise weights fitted together to the layer's outputs on the data, from the
+        cross-channel moments of one pass of the original model; see joint_fit.py), "auto" (the
+        default: "joint" when calibration_data is given with a budget or with refit=False, else
+        "svd": after calibration at a fixed rank the weight SVD did better in our measurements), or
+        "random" (PyTorch's default init).
     include, exclude: glob patterns on qualified names (one or a list), or a callable
         (name, module) -> bool; exclude wins. A pattern that matches nothing warns.
     inplace: change `model` itself; otherwise a converted copy is returned and `model` is untouched.
@@ -186,7 +211,7 @@ def convert(
     rank = validate_rank(rank)
     budget = validate_budget(budget, budget_on, example_inputs, rank)
     overrides = RankOverrides(ranks)
-    init, allocate_by = resolve_choices(init, allocate_by, calibration_data, refit)
+    init, allocate_by = resolve_choices(init, allocate_by, calibration_data, refit, budget)
     if parametrized not in PARAMETRIZED:
         raise ConvsepValueError(
             f"parametrized={parametrized!r} is not known: use one of {', '.join(map(repr, PARAMETRIZED))}"
@@ -233,9 +258,11 @@ def convert(
     decisions, candidates = _consider_all(work, found, selection, parametrized=parametrized)
     selection.warn_unmatched()
     statistics = None
-    whitened = init == "activation" or (allocate_by == "activations" and not refit)
-    refit_aware = allocate_by == "activations" and refit and budget is not None
-    if candidates and (whitened or refit_aware):
+    # The pointwise weights are solved for, by calibration or by the joint fit: the allocation weighs what that leaves.
+    solved = refit or init == "joint"
+    whitened = init == "activation" or (allocate_by == "activations" and not solved)
+    refit_aware = allocate_by == "activations" and solved and budget is not None
+    if candidates and (whitened or refit_aware or init == "joint"):
         with distributed.together():  # a user's generator may fail on one process only
             calibration_data = rereadable(calibration_data, calibration_batches)  # read twice: statistics, calibration
         if refit_aware:  # a budget never picks a rank that saves nothing (options_from_errors): predict only those,
@@ -547,6 +574,8 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, init: str) -> nn.Mod
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
         pair = candidate.pair = candidate.build_pair(candidate.factors(init))
+        if candidate.moments is not None:
+            candidate.fit_on_moments()
         if site is None:
             swaps[id(conv)] = pair
         else:

@@ -32,6 +32,7 @@ class LayerDecision:
     whitening: str = ""  # "activation", or why this layer kept the weight SVD (convert with calibration data)
     predicted_refit_error: Optional[float] = None  # from the input statistics: what calibration's refit should leave
     allocation: str = ""  # with allocate_by="activations": why this layer's ranks were weighed by weight error
+    joint_fit: str = ""  # init="joint": "fitted on the input moments", or why this layer kept the weight SVD pair
     in_channels: int = 0
     out_channels: int = 0
     kernel_size: tuple[int, ...] = ()

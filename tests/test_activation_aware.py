@@ -123,10 +123,21 @@ def _images(count=4, seed=1):
 
 def test_data_used_only_for_conversion_is_used_activation_aware_and_the_plan_says_so():
     model, data = _net(), _images()
-    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data, refit=False)
+    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data, refit=False,
+                                init="activation")  # fmt: skip
     plan = converted.convsep_plan
     assert plan.init == "activation" and plan.budget["allocated_by"] == "activations"
     assert all(d.whitening == "activation" and 0 <= d.predicted_output_error < 1 for d in plan.converted)
+
+
+def test_data_used_only_for_conversion_fits_the_pairs_jointly_and_allocates_by_what_that_leaves():
+    model, data = _net(), _images()
+    converted = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data, refit=False)
+    plan = converted.convsep_plan
+    assert plan.init == "joint" and plan.budget["allocated_by"] == "activations" and plan.calibration is None
+    assert "after calibration's refit" in plan.budget["objective"]  # the joint fit solves the pointwise weights too
+    assert all(d.joint_fit.startswith("fitted on the input moments") for d in plan.converted)
+    assert all(d.whitening == "" and d.predicted_output_error is None for d in plan.converted)
 
 
 def test_auto_keeps_the_weight_svd_and_weight_error_without_data():
@@ -136,13 +147,18 @@ def test_auto_keeps_the_weight_svd_and_weight_error_without_data():
     assert all(d.predicted_output_error is None and d.predicted_refit_error is None for d in plan.converted)
 
 
-def test_auto_with_calibration_allocates_by_the_error_the_refit_leaves_and_keeps_the_weight_svd():
+def test_auto_with_calibration_allocates_by_the_error_the_refit_leaves_and_fits_the_pairs_jointly():
     model, data = _net(), _images()
     plan = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data).convsep_plan
-    assert plan.init == "svd" and plan.budget["allocated_by"] == "activations"
+    assert plan.init == "joint" and plan.budget["allocated_by"] == "activations"
     assert plan.budget["objective"] == "sum over layers of squared relative output error after calibration's refit (predicted from the inputs)"
     assert all(d.predicted_output_error is None and 0 <= d.predicted_refit_error < 1 for d in plan.converted)
-    assert plan.budget["error"] == pytest.approx(sum(d.predicted_refit_error**2 for d in plan.converted))
+    # What the allocation weighed, from the weight SVD's filters; the joint fit lowered it (what the plan records).
+    allocated = convsep.convert(model, budget=0.4, example_inputs=data[0][:1], calibration_data=data, init="svd")
+    assert allocated.convsep_plan.budget == plan.budget
+    errors = {d.name: d.predicted_refit_error for d in allocated.convsep_plan.converted}
+    assert plan.budget["error"] == pytest.approx(sum(e**2 for e in errors.values()))
+    assert all(d.predicted_refit_error < errors[d.name] for d in plan.converted)
 
 
 def test_activation_init_lowers_each_layers_error_on_the_inputs_it_sees():
@@ -167,7 +183,7 @@ def test_predicted_output_error_matches_the_measured_one_without_cross_channel_t
 
 def test_full_rank_with_activation_init_is_still_exact():
     model, data = _net().double(), [x.double() for x in _images()]
-    converted = convsep.convert(model, rank="full", calibration_data=data, refit=False)
+    converted = convsep.convert(model, rank="full", calibration_data=data, refit=False, init="activation")
     assert converted.convsep_plan.init == "activation"
     with torch.no_grad():
         assert relative_error(converted(data[0]), model(data[0])) < 1e-8
@@ -176,7 +192,7 @@ def test_full_rank_with_activation_init_is_still_exact():
 def test_refit_false_uses_the_data_only_for_the_factorisation():
     model, data = _net(), _images()
     converted = convsep.convert(model, rank=1, calibration_data=data, refit=False)
-    assert converted.convsep_plan.calibration is None and converted.convsep_plan.init == "activation"
+    assert converted.convsep_plan.calibration is None and converted.convsep_plan.init == "joint"
 
 
 def test_a_layer_whose_inputs_are_all_zero_keeps_the_weight_svd_and_says_why():
@@ -190,9 +206,14 @@ def test_a_layer_whose_inputs_are_all_zero_keeps_the_weight_svd_and_says_why():
 
     torch.manual_seed(0)
     model = Silent().eval()
-    converted = convsep.convert(model, rank=1, calibration_data=_images(), refit=False)
+    converted = convsep.convert(model, rank=1, calibration_data=_images(), refit=False, init="activation")
     decisions = {d.name: d for d in converted.convsep_plan.layers}
     assert decisions["b"].whitening == "weight SVD: its inputs on the calibration data are all zero"
+    joint = convsep.convert(model, rank=1, calibration_data=_images(), refit=False)
+    assert joint.convsep_plan.layers[1].joint_fit == "weight SVD: its inputs on the calibration data are all zero"
+    assert joint.convsep_plan.layers[0].joint_fit.startswith("fitted on the input moments")
+    torch.testing.assert_close(joint.b.depthwise.weight, convsep.convert(model, rank=1, init="svd").b.depthwise.weight)
+    assert all(torch.isfinite(p).all() for p in joint.parameters())
     assert decisions["a"].whitening == "activation"
     weight_svd = convsep.convert(model, rank=1, init="svd")
     torch.testing.assert_close(converted.b.depthwise.weight, weight_svd.b.depthwise.weight)
@@ -261,7 +282,7 @@ def test_allocating_by_activations_spends_the_ranks_where_the_output_error_is():
     generator = torch.Generator().manual_seed(2)
     data = [torch.randn(8, 4, 16, 16, generator=generator) for _ in range(2)]
     plans = {
-        by: convsep.convert(model, budget=0.5, example_inputs=data[0][:1], calibration_data=data, allocate_by=by, refit=False).convsep_plan
+        by: convsep.convert(model, budget=0.5, example_inputs=data[0][:1], calibration_data=data, allocate_by=by, refit=False, init="activation").convsep_plan
         for by in ("weights", "activations")
     }
     ranks = {by: {d.name: d.rank if d.converted else "keep" for d in plan.layers} for by, plan in plans.items()}
@@ -277,8 +298,11 @@ def test_half_precision_models_gather_their_statistics_in_float32():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1)).to(torch.bfloat16).eval()
     x = torch.randn(8, 3, 12, 12)
     x[:, 0] = 100 * torch.linspace(0, 1, 12) + 0.01 * x[:, 0]  # one loud, smooth channel
-    converted = convsep.convert(model, rank=2, calibration_data=[x.to(torch.bfloat16)], refit=False)
+    converted = convsep.convert(model, rank=2, calibration_data=[x.to(torch.bfloat16)], refit=False, init="activation")
     assert converted.convsep_plan.converted[0].whitening == "activation"
+    joint = convsep.convert(model, rank=2, calibration_data=[x.to(torch.bfloat16)], refit=False)
+    assert joint.convsep_plan.converted[0].joint_fit.startswith("fitted on the input moments")
+    assert all(torch.isfinite(p).all() for p in joint.parameters())
     assert all(torch.isfinite(p.float()).all() for p in converted.parameters())
 
 
@@ -289,5 +313,6 @@ def test_conv_subclasses_with_their_own_constructor_get_statistics():
 
     torch.manual_seed(0)
     model = nn.Sequential(Cube(2)).eval()
-    converted = convsep.convert(model, rank=1, include="0", calibration_data=[torch.randn(2, 2, 5, 5, 5)], refit=False)
+    converted = convsep.convert(model, rank=1, include="0", calibration_data=[torch.randn(2, 2, 5, 5, 5)], refit=False,
+                                init="activation")  # fmt: skip
     assert converted.convsep_plan.converted[0].whitening == "activation"

@@ -129,7 +129,7 @@ def test_verbose_prints_one_line_per_layer_with_its_errors(capsys):
 
 def test_verbose_with_predictions_prints_what_was_predicted_next_to_what_was_measured(capsys):
     model, data = two_convs(), batches()
-    converted = convsep.convert(model, rank=1, calibration_data=data, refit=False)  # activation-aware predictions
+    converted = convsep.convert(model, rank=1, calibration_data=data, refit=False, init="activation")  # whitened predictions
     calibrated = convsep.calibrate(converted, model, data, verbose=True)
     lines = []
     for line, decision in zip(expected_lines(calibrated), calibrated.convsep_plan.converted):
