@@ -247,6 +247,9 @@ def test_cli_convert_with_a_budget_under_torchrun_allocates_and_writes_what_one_
     assert two.plan.converted and all(d.predicted_refit_error is not None for d in two.plan.converted)
     errors = [[d.predicted_refit_error for d in plan.converted] for plan in (two.plan, one.plan)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-9)  # the same positions sampled, the same sums
+    # ... so every process fits the same joint pairs, in the same rounds, as one process does.
+    joint = [[d.joint_fit for d in plan.converted] for plan in (two.plan, one.plan)]
+    assert two.plan.init == "joint" and joint[0] == joint[1] and any(j.startswith("fitted") for j in joint[0])
     _assert_close(two.state_dict, one.state_dict, 1e-4)
 
 

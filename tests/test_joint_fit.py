@@ -183,7 +183,9 @@ def test_on_little_data_only_the_pointwise_weights_are_fitted_and_the_plan_says_
     data = [torch.randn(1, 16, 3, 3)]  # 9 positions: the conv costs less than one round of 144 unknowns
     converted = convsep.convert(model, rank=1, init="joint", calibration_data=data, refit=False)
     decision = converted.convsep_plan.converted[0]
-    assert decision.joint_fit == "fitted on the input moments (0 rounds; more would cost more than the conv over the data)"
+    assert (
+        decision.joint_fit == "fitted on the input moments (0 rounds; more would cost more than the conv over the data)"
+    )
     svd = convsep.convert(model, rank=1, init="svd")
     assert torch.equal(converted[0].depthwise.weight, svd[0].depthwise.weight)
     assert not torch.allclose(converted[0].pointwise.weight, svd[0].pointwise.weight)
