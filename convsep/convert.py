@@ -73,6 +73,7 @@ class Candidate:
     refit_ranks: Optional[int] = None  # how many ranks to predict refit_errors for (None: every rank)
     pair: Optional[nn.Module] = None  # the replacement, once built
     moments: Optional[InputMoments] = None  # init="joint": the cross-channel input moments the pair is fitted on
+    refit_follows: bool = False  # calibration will refit the pair's pointwise weights on the same data
 
     @property
     def kernel(self) -> _ConvNd:
@@ -113,6 +114,9 @@ class Candidate:
         seen = moments.count * sampling_step(c, moments.block)  # about every output position of the data
         macs = seen * conv_macs_per_position(c.out_channels, c.in_channels, kernel_elements(c.kernel_size), c.groups)
         affordable = rounds_affordable(self.pair, macs)
+        if affordable == 0 and self.refit_follows:  # it would only solve the pointwise weights, as calibration will
+            self.decision.joint_fit = "weight SVD: one round would cost more than the conv over the data"
+            return
         _, after, rounds = fit_jointly(self.pair, self.kernel.weight, self.kernel.bias, moments, self.decision.name,
                                        JOINT_RIDGE, affordable)  # fmt: skip
         capped = "" if rounds < affordable or affordable == JOINT_ROUNDS else "; more would cost more than the conv over the data"
@@ -273,6 +277,8 @@ def convert(
                     c, k = candidate.conv, kernel_elements(candidate.conv.kernel_size)
                     candidate.refit_ranks = max(1, largest_saving_rank(c.out_channels, c.in_channels, k, c.groups))
         statistics = gather(work, candidates, calibration_data, calibration_batches, init, whitened, refit_aware)
+        for candidate in candidates:
+            candidate.refit_follows = refit
     budget_record = None
     if budget is None:
         for candidate in candidates:

@@ -158,7 +158,9 @@ def test_auto_with_calibration_allocates_by_the_error_the_refit_leaves_and_fits_
     assert allocated.convsep_plan.budget == plan.budget
     errors = {d.name: d.predicted_refit_error for d in allocated.convsep_plan.converted}
     assert plan.budget["error"] == pytest.approx(sum(e**2 for e in errors.values()))
-    assert all(d.predicted_refit_error < errors[d.name] for d in plan.converted)
+    fitted = [d for d in plan.converted if d.joint_fit.startswith("fitted")]
+    assert all(d.predicted_refit_error < errors[d.name] for d in fitted)  # (these few images afford no round)
+    assert all(d.predicted_refit_error == errors[d.name] for d in plan.converted if d not in fitted)
 
 
 def test_activation_init_lowers_each_layers_error_on_the_inputs_it_sees():

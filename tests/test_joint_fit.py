@@ -189,3 +189,15 @@ def test_on_little_data_only_the_pointwise_weights_are_fitted_and_the_plan_says_
     svd = convsep.convert(model, rank=1, init="svd")
     assert torch.equal(converted[0].depthwise.weight, svd[0].depthwise.weight)
     assert not torch.allclose(converted[0].pointwise.weight, svd[0].pointwise.weight)
+
+
+def test_with_calibration_to_follow_a_layer_that_affords_no_round_keeps_the_svd_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1)).eval()
+    data = [torch.randn(1, 16, 3, 3)]
+    converted = convsep.convert(model, rank=1, init="joint", calibration_data=data, refit=True)
+    assert (
+        converted.convsep_plan.converted[0].joint_fit
+        == "weight SVD: one round would cost more than the conv over the data"
+    )
+    assert torch.equal(converted[0].depthwise.weight, convsep.convert(model, rank=1, init="svd")[0].depthwise.weight)
