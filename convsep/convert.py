@@ -108,21 +108,34 @@ class Candidate:
         moments, self.moments = self.moments, None
         reason = why_not_joint(self.pair, moments)
         if reason is not None:
-            self.decision.joint_fit = f"weight SVD: {reason}"
+            self._not_fitted(reason)
             return
         c = self.conv
         seen = moments.count * sampling_step(c, moments.block)  # about every output position of the data
         macs = seen * conv_macs_per_position(c.out_channels, c.in_channels, kernel_elements(c.kernel_size), c.groups)
         affordable = rounds_affordable(self.pair, macs)
         if affordable == 0 and self.refit_follows:  # it would only solve the pointwise weights, as calibration will
-            self.decision.joint_fit = "weight SVD: one round would cost more than the conv over the data"
+            self._not_fitted("one round would cost more than the conv over the data")
             return
         _, after, rounds = fit_jointly(self.pair, self.kernel.weight, self.kernel.bias, moments, self.decision.name,
                                        JOINT_RIDGE, affordable)  # fmt: skip
         capped = "" if rounds < affordable or affordable == JOINT_ROUNDS else "; more would cost more than the conv over the data"
-        self.decision.joint_fit = f"fitted on the input moments ({rounds} rounds{capped})"
+        decision = self.decision
+        decision.joint_fit = f"fitted on the input moments ({rounds} rounds{capped})"
+        decision.whitening, decision.predicted_output_error = "", None  # the whitened factors, if any, went unused
         # What calibration's refit of the pointwise weights leaves on the original model's inputs, with these filters.
-        self.decision.predicted_refit_error = after
+        decision.predicted_refit_error = after
+        weight = self.kernel.weight.detach().double()
+        decision.relative_error = float((self.pair.weight.detach().double() - weight).norm() / weight.norm().clamp_min(1e-300))
+
+    def _not_fitted(self, reason: str) -> None:
+        """The pair stays as built from the weight SVD, or, when nothing refits it after and the data allowed one,
+        becomes the whitened SVD's (what init="activation" would have built)."""
+        self.decision.joint_fit = f"weight SVD: {reason}"
+        if self.whitened is not None and not self.refit_follows:
+            self.pair = self.build_pair(self.whitened)
+            self.decision.joint_fit = f"whitened SVD: {reason}"
+            _describe_factors(self.decision, self, self.whitened)
 
 
 def convert(
@@ -264,7 +277,8 @@ def convert(
     statistics = None
     # The pointwise weights are solved for, by calibration or by the joint fit: the allocation weighs what that leaves.
     solved = refit or init == "joint"
-    whitened = init == "activation" or (allocate_by == "activations" and not solved)
+    # With init="joint" and nothing to refit after, the whitened factors serve the layers the joint fit cannot.
+    whitened = init == "activation" or (allocate_by == "activations" and not solved) or (init == "joint" and not refit)
     refit_aware = allocate_by == "activations" and solved and budget is not None
     if candidates and (whitened or refit_aware or init == "joint"):
         with distributed.together():  # a user's generator may fail on one process only
@@ -388,15 +402,20 @@ def _convert_at(candidate: Candidate, rank: int, init: str) -> None:
     decision = candidate.decision
     decision.converted = True
     decision.rank = rank
-    factors = candidate.factors(init)
-    if factors is candidate.whitened and factors is not None:  # not the weights' best: measure its weight error
-        decision.relative_error = truncation_error(candidate.kernel.weight, candidate.conv.groups, factors, rank)
-    elif factors is not None:
-        decision.relative_error = discarded_energy_fraction(factors.S, rank) ** 0.5
-    if factors is candidate.whitened and factors is not None:  # the share of the output energy this pair should lose
-        decision.predicted_output_error = discarded_energy_fraction(candidate.whitened.S, rank) ** 0.5
+    _describe_factors(decision, candidate, candidate.factors(init))
     if candidate.refit_errors is not None:  # ... and what calibration's refit should leave of it
         decision.predicted_refit_error = candidate.refit_errors[min(rank, len(candidate.refit_errors)) - 1] ** 0.5
+
+
+def _describe_factors(decision: LayerDecision, candidate: Candidate, factors: Optional[ChannelSVD]) -> None:
+    """The pair's weight error at the decided rank, and for whitened factors the output error they should keep."""
+    rank = decision.rank
+    if factors is candidate.whitened and factors is not None:  # not the weights' best: measure its weight error
+        decision.relative_error = truncation_error(candidate.kernel.weight, candidate.conv.groups, factors, rank)
+        # the share of the output energy this pair should lose
+        decision.predicted_output_error = discarded_energy_fraction(factors.S, rank) ** 0.5
+    elif factors is not None:
+        decision.relative_error = discarded_energy_fraction(factors.S, rank) ** 0.5
 
 
 def _layer_costs(candidate: Candidate, budget_on: str, output_positions: dict[int, int]) -> tuple[int, int]:
@@ -579,9 +598,10 @@ def _apply(root: nn.Module, chosen: list[Candidate], found, init: str) -> nn.Mod
     by_owner: dict[str, dict] = {}
     for candidate in chosen:
         conv, site = candidate.conv, candidate.site
-        pair = candidate.pair = candidate.build_pair(candidate.factors(init))
+        candidate.pair = candidate.build_pair(candidate.factors(init))
         if candidate.moments is not None:
-            candidate.fit_on_moments()
+            candidate.fit_on_moments()  # may build the pair anew
+        pair = candidate.pair
         if site is None:
             swaps[id(conv)] = pair
         else:

@@ -22,6 +22,7 @@ the reason.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,6 +40,7 @@ from .least_squares import MAX_DEPTHWISE_UNKNOWNS, LayerStats, depthwise_unknown
 # 128 of them: 90 forwards of the original for 32 rounds).
 JOINT_ROUNDS = 32
 JOINT_TOLERANCE = 1e-3
+SAMPLES_PER_COLUMN = 4  # the fewest sampled patches per column of a group's moments that the fit trusts (as kept.py)
 JOINT_RIDGE = 1e-3  # calibrate's default: the pull towards the current weights, relative to each system's diagonal
 
 
@@ -68,6 +70,14 @@ def moment_stats(pair: _SeparableConvNd, weight: Tensor, bias: Optional[Tensor],
 
 def why_not_joint(pair: _SeparableConvNd, moments: InputMoments) -> Optional[str]:
     """Why the pair cannot be fitted on these moments, or None."""
+    width = pair.in_channels // pair.groups * math.prod(pair.kernel_size)
+    if moments.count < SAMPLES_PER_COLUMN * width:
+        # With fewer sampled patches than the moments have columns the fit follows those patches, not the layer:
+        # worse than the weight SVD on other inputs, and its error reported far too low (a review's measurement).
+        return (
+            f"{moments.count} input patches were sampled, fewer than {SAMPLES_PER_COLUMN} per column of its "
+            f"{width}-wide moments: more calibration data would allow it"
+        )
     if moments.block != pair.in_channels // pair.groups:
         return (
             f"its input moments were taken in blocks of {moments.block} channels, not whole groups of "
@@ -95,6 +105,6 @@ def fit_jointly(pair: _SeparableConvNd, weight: Tensor, bias: Optional[Tensor], 
     for done in range(rounds):
         previous = after
         _, after = fit(pair, stats, ridge, 1, name)  # (its pointwise refit is already at the optimum: a no-op)
-        if previous - after < JOINT_TOLERANCE * previous:
+        if not 0 < previous < math.inf or previous - after < JOINT_TOLERANCE * previous:  # exact, or nothing to fit
             return before, after, done + 1
     return before, after, rounds

@@ -136,8 +136,23 @@ def test_data_used_only_for_conversion_fits_the_pairs_jointly_and_allocates_by_w
     plan = converted.convsep_plan
     assert plan.init == "joint" and plan.budget["allocated_by"] == "activations" and plan.calibration is None
     assert "after calibration's refit" in plan.budget["objective"]  # the joint fit solves the pointwise weights too
-    assert all(d.joint_fit.startswith("fitted on the input moments") for d in plan.converted)
-    assert all(d.whitening == "" and d.predicted_output_error is None for d in plan.converted)
+    fitted, whitened = plan.converted[0], plan.converted[1:]
+    assert fitted.joint_fit.startswith("fitted on the input moments")
+    assert fitted.whitening == "" and fitted.predicted_output_error is None
+    # Too few sampled patches for the wider layers: the whitened pair, what init="activation" builds.
+    for d in whitened:
+        assert d.joint_fit == (
+            "whitened SVD: 288 input patches were sampled, fewer than 4 per column of its 144-wide moments: more "
+            "calibration data would allow it"
+        )
+        assert d.whitening == "activation" and 0 < d.predicted_output_error < 1
+    svd = convsep.convert(model, ranks={d.name: d.rank for d in plan.converted}, init="svd").convsep_plan
+    for d, plain in zip(whitened, svd.converted[1:], strict=True):
+        weight = model.get_submodule(d.name).weight.detach().double()
+        pair = converted.get_submodule(d.name).weight.detach().double()
+        measured = float((pair - weight).norm() / weight.norm())
+        assert measured == pytest.approx(d.relative_error, rel=1e-4)  # the whitened truncation's weight error ...
+        assert d.relative_error > 1.01 * plain.relative_error  # ... not the weight SVD's, the least there is
 
 
 def test_auto_keeps_the_weight_svd_and_weight_error_without_data():

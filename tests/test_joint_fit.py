@@ -54,8 +54,8 @@ def test_the_sums_from_the_moments_are_those_of_a_pass_over_the_conv_outputs(con
 def test_at_full_rank_the_pair_stays_exact():
     conv, data = conv_and_data(nn.Conv2d(4, 40, 3, padding=1), (4, 6, 6))
     pair = convsep.SeparableConv2d.from_conv(conv, rank="full")
-    before, after, _ = fit_jointly(pair, conv.weight, conv.bias, moments_of(conv, data), "0", ridge=1e-3)
-    assert before < 1e-5 and after < 1e-5
+    before, after, rounds = fit_jointly(pair, conv.weight, conv.bias, moments_of(conv, data), "0", ridge=1e-3)
+    assert before < 1e-5 and after < 1e-5 and rounds == 1  # nothing left to gain: no further round
     with torch.no_grad():
         assert relative_error(pair(data[0]), conv(data[0])) < 1e-4
 
@@ -82,11 +82,17 @@ def test_layers_it_cannot_fit_say_why():
     conv, data = conv_and_data(nn.Conv2d(8, 8, 3, padding=1), (8, 5, 5))
     moments = moments_of(conv, data)
     pair = convsep.SeparableConv2d.from_conv(conv, rank=1)
+    assert moments.count == 60  # 300 positions, every 9th (each call starting one further on)
+    assert why_not_joint(pair, moments) == (
+        "60 input patches were sampled, fewer than 4 per column of its 72-wide moments: more calibration data would "
+        "allow it"
+    )
+    moments.count = 288
     assert why_not_joint(pair, moments) is None
     moments.block = 4  # as if the group's moments had been too large to keep whole
     assert "blocks of 4 channels, not whole groups of 8" in why_not_joint(pair, moments)
     wide = convsep.SeparableConv2d.from_conv(nn.Conv2d(512, 8, 3), rank=1)  # 4,608 filter weights
-    moments.block = 512
+    moments.block, moments.count = 512, 10**6
     assert "4608 unknowns per group (more than 4096)" in why_not_joint(wide, moments)
 
 
@@ -97,7 +103,8 @@ def model_and_data():
         nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
     ).eval()  # fmt: skip
     mix = torch.randn(3, 3)
-    return model, [torch.einsum("dc,nchw->ndhw", mix, torch.randn(8, 3, 10, 10)) for _ in range(4)]
+    # Enough sampled patches for the widest layer (32 channels x 9 taps: 4 per column, every 9th position).
+    return model, [torch.einsum("dc,nchw->ndhw", mix, torch.randn(8, 3, 10, 10)) for _ in range(16)]
 
 
 def test_convert_fits_each_pair_on_its_inputs_and_records_it():
@@ -108,6 +115,10 @@ def test_convert_fits_each_pair_on_its_inputs_and_records_it():
     assert plan.init == "joint"
     assert all(d.joint_fit.startswith("fitted on the input moments (") for d in plan.converted)
     assert all(d.joint_fit == "" for d in svd.convsep_plan.converted)
+    for d in plan.converted:  # the weight error recorded is the fitted pair's, not the SVD's it started from
+        weight = model.get_submodule(d.name).weight.detach().double()
+        pair = joint.get_submodule(d.name).weight.detach().double()
+        assert d.relative_error == pytest.approx(float((pair - weight).norm() / weight.norm()), rel=1e-6)
     x = torch.cat(data)
     with torch.no_grad():
         # The first pair sees the original's inputs: its error is the one recorded.
@@ -117,15 +128,15 @@ def test_convert_fits_each_pair_on_its_inputs_and_records_it():
         assert relative_error(joint(x), model(x)) < relative_error(svd(x), model(x))
 
 
-def test_convert_joint_then_calibrate_does_better_than_svd_then_calibrate():
+def test_each_joint_pair_leaves_calibration_less_to_fix_on_the_original_inputs():
+    """Calibrated at once (each pair's pointwise weights refitted on the original model's inputs), every joint pair
+    ends with a lower error than the weight SVD's: its filters are fitted too."""
     model, data = model_and_data()
-    x = torch.cat(data)
-    errors = {}
+    after = {}
     for init in ("svd", "joint"):
-        converted = convsep.convert(model, rank=1, init=init, calibration_data=data)
-        with torch.no_grad():
-            errors[init] = relative_error(converted(x), model(x))
-    assert errors["joint"] < errors["svd"]
+        converted = convsep.convert(model, rank=1, init=init, calibration_data=data, calibration_sequential=False)
+        after[init] = {name: e["after"] for name, e in converted.convsep_plan.calibration["layers"].items()}
+    assert all(after["joint"][name] < after["svd"][name] for name in after["svd"]), after
 
 
 def test_a_layer_the_data_never_reaches_keeps_the_svd_pair_with_the_reason():
@@ -180,13 +191,15 @@ def test_rounds_cost_no_more_than_the_conv_over_the_data():
 def test_on_little_data_only_the_pointwise_weights_are_fitted_and_the_plan_says_why():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1)).eval()
-    data = [torch.randn(1, 16, 3, 3)]  # 9 positions: the conv costs less than one round of 144 unknowns
-    converted = convsep.convert(model, rank=1, init="joint", calibration_data=data, refit=False)
+    # 13 x 144 positions, every third sampled: enough patches for the 144-wide moments (624 >= 4 x 144), but the conv
+    # over them costs less than one round of rank 3's 432 unknowns.
+    data = [torch.randn(13, 16, 12, 12)]
+    converted = convsep.convert(model, rank=3, init="joint", calibration_data=data, refit=False)
     decision = converted.convsep_plan.converted[0]
     assert (
         decision.joint_fit == "fitted on the input moments (0 rounds; more would cost more than the conv over the data)"
     )
-    svd = convsep.convert(model, rank=1, init="svd")
+    svd = convsep.convert(model, rank=3, init="svd")
     assert torch.equal(converted[0].depthwise.weight, svd[0].depthwise.weight)
     assert not torch.allclose(converted[0].pointwise.weight, svd[0].pointwise.weight)
 
@@ -194,10 +207,21 @@ def test_on_little_data_only_the_pointwise_weights_are_fitted_and_the_plan_says_
 def test_with_calibration_to_follow_a_layer_that_affords_no_round_keeps_the_svd_pair():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1)).eval()
-    data = [torch.randn(1, 16, 3, 3)]
-    converted = convsep.convert(model, rank=1, init="joint", calibration_data=data, refit=True)
+    data = [torch.randn(13, 16, 12, 12)]  # as above
+    converted = convsep.convert(model, rank=3, init="joint", calibration_data=data, refit=True)
     assert (
         converted.convsep_plan.converted[0].joint_fit
         == "weight SVD: one round would cost more than the conv over the data"
     )
-    assert torch.equal(converted[0].depthwise.weight, convsep.convert(model, rank=1, init="svd")[0].depthwise.weight)
+    assert torch.equal(converted[0].depthwise.weight, convsep.convert(model, rank=3, init="svd")[0].depthwise.weight)
+
+
+def test_a_layer_with_nothing_to_fit_stops_after_one_round():
+    conv, data = conv_and_data(nn.Conv2d(4, 40, 3, padding=1), (4, 6, 6))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()  # a pruned layer: outputs all zero, met exactly
+    pair = convsep.SeparableConv2d.from_conv(conv, rank=1)
+    before, after, rounds = fit_jointly(pair, conv.weight, conv.bias, moments_of(conv, data), "0", ridge=1e-3)
+    assert (before, after, rounds) == (0.0, 0.0, 1)
+    assert all(torch.isfinite(p).all() for p in pair.parameters())
