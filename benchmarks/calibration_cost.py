@@ -5,6 +5,7 @@
     python benchmarks/calibration_cost.py --models resnet18 --calibrate-only   # calibrate in order and at once only
     python benchmarks/calibration_cost.py --models resnet18 --size 224 --images 64 --alternates  # statistics only
     python benchmarks/calibration_cost.py --models small_cnn resnet18 --calibrate-only --alternates 0 8 --refit-kept --tag levers
+    python benchmarks/calibration_cost.py --calibrate-only --alternates --joint --threads 1   # what init='joint' adds
 
 For each model, on the same calibration batches: one forward pass of the original and of the
 converted model over all of them (the unit), convert's input-statistics pass (activation-aware
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--refit-kept", action="store_true",
                         help="also time calibrate(refit_kept=True), in order, at each of --alternates")
+    parser.add_argument("--joint", action="store_true",
+                        help="also time convert(budget=0.25, calibration_data=..., refit=False) with init='svd' and "
+                        "init='joint' (what the joint fit adds to conversion), in forwards of the original")
     parser.add_argument("--tag", help="a word added to the results' file name (e.g. before a change)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -131,6 +135,15 @@ def main(argv=None) -> int:
             row.update(statistics_s=round(statistics, 3), statistics_over_original_forward=round(statistics / original_only, 2),
                        cross_channel_statistics_s=round(crossed, 3), cross_channel_over_original_forward=round(crossed / original_only, 2),
                        refit_prediction_s=round(predicted, 3), refit_prediction_over_original_forward=round(predicted / original_only, 2))  # fmt: skip
+        if args.joint:
+            for init in ("svd", "joint"):
+                seconds = median_seconds(
+                    lambda: convsep.convert(model, budget=0.25, example_inputs=data[0][:1], calibration_data=data,
+                                            refit=False, init=init),
+                    args.repeats,
+                )  # fmt: skip
+                row[f"convert_budget_{init}_s"] = round(seconds, 3)
+                row[f"convert_budget_{init}_over_original_forward"] = round(seconds / original_only, 2)
         for alternate, sequential in itertools.product(args.alternates, (True, False)):
             seconds = median_seconds(
                 lambda: convsep.calibrate(copy.deepcopy(converted), model, data, alternate=alternate, sequential=sequential),
@@ -152,13 +165,14 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     if not args.quick:
         whole = args.models == list(MODELS) and not args.calibrate_only and args.alternates == [0, 1] and not (
-            args.size or args.images or args.threads or args.tag or args.refit_kept)
+            args.size or args.images or args.threads or args.tag or args.refit_kept or args.joint)
         command = "python benchmarks/calibration_cost.py" + ("" if argv is None and whole else " " + " ".join(argv or sys.argv[1:]))
         name = "calibration_cost" + ("" if args.models == list(MODELS) else "_" + "_".join(args.models))
         name += "" if whole or not args.calibrate_only else "_calibrate"
         name += "".join(f"_{label}{value}" for label, value in (("size", args.size), ("images", args.images),
                                                                  ("threads", args.threads)) if value)
-        name += ("_statistics" if not args.alternates else "") + (f"_{args.tag}" if args.tag else "")
+        name += ("_statistics" if not args.alternates else "") + ("_joint" if args.joint else "")
+        name += f"_{args.tag}" if args.tag else ""
         save_json(name, {"command": command, "rank": args.rank, "rows": rows})
     return 0
 
