@@ -630,13 +630,16 @@ def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], 
         if distributed.is_main():
             work = _measured_faster(original, work, chosen, args, found, init)
     for candidate in chosen:
-        if not candidate.decision.converted:  # kept for speed: no pair, so no error of one
-            candidate.decision.relative_error = candidate.decision.predicted_output_error = None
+        if not candidate.decision.converted:  # kept for speed: no pair, so no error of one, nor a fit
+            decision = candidate.decision
+            decision.relative_error = decision.predicted_output_error = decision.predicted_refit_error = None
+            decision.joint_fit = ""
     decided = distributed.broadcast_object([_latency_decision(c.decision) for c in chosen])
     if not distributed.is_main():
         for candidate, decision in zip(chosen, decided):
             (candidate.decision.converted, candidate.decision.reason, candidate.decision.relative_error,
-             candidate.decision.predicted_output_error) = decision  # fmt: skip
+             candidate.decision.predicted_output_error, candidate.decision.predicted_refit_error,
+             candidate.decision.joint_fit) = decision  # fmt: skip
         work = _apply(work, [c for c in chosen if c.decision.converted], found, init)
     # Rank 0 drew random numbers for its timing inputs that the others did not: make the pairs agree.
     for candidate in chosen:
@@ -646,7 +649,8 @@ def _faster_only(original: nn.Module, work: nn.Module, chosen: list[Candidate], 
 
 
 def _latency_decision(decision: LayerDecision) -> tuple:
-    return decision.converted, decision.reason, decision.relative_error, decision.predicted_output_error
+    return (decision.converted, decision.reason, decision.relative_error, decision.predicted_output_error,
+            decision.predicted_refit_error, decision.joint_fit)  # fmt: skip
 
 
 def _measured_faster(original: nn.Module, work: nn.Module, chosen: list[Candidate], args, found, init: str) -> nn.Module:

@@ -225,3 +225,14 @@ def test_a_layer_with_nothing_to_fit_stops_after_one_round():
     before, after, rounds = fit_jointly(pair, conv.weight, conv.bias, moments_of(conv, data), "0", ridge=1e-3)
     assert (before, after, rounds) == (0.0, 0.0, 1)
     assert all(torch.isfinite(p).all() for p in pair.parameters())
+
+
+def test_latency_objective_fits_the_pairs_it_keeps_and_clears_the_ones_it_reverts():
+    model, data = model_and_data()
+    converted = convsep.convert(model, rank=1, init="joint", calibration_data=data, refit=False,
+                                objective="latency", example_inputs=data[0][:1])  # fmt: skip
+    for d in converted.convsep_plan.layers:
+        if d.converted:
+            assert d.joint_fit.startswith("fitted on the input moments") and d.predicted_refit_error is not None
+        else:  # kept for speed: no pair, no fit
+            assert d.joint_fit == "" and d.predicted_refit_error is None and d.relative_error is None
