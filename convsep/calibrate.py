@@ -66,7 +66,7 @@ def calibrate(
     ridge: float = 1e-3,
     alternate: int = 0,
     sequential: bool = True,
-    refit_kept: bool = False,
+    refit_kept: Optional[bool] = None,
     verbose: bool = False,
     device: Optional[torch.device | str] = None,
 ) -> nn.Module:
@@ -100,6 +100,8 @@ def calibrate(
         head then makes up for what the pairs before it changed (see kept.py). Needs
         sequential=True. A layer with more than 4,096 weights per output (per group), or fewer
         than 4 samples per weight in the data, is left as it was, with the reason recorded.
+        Default (None): True in order, False at once; pass False to leave every kept layer as it was
+        (a layer `exclude=`d from conversion is kept, and so refitted by default).
     verbose: print each layer's relative output error on the data before and after; with
         tqdm installed (the `progress` extra) and stderr a terminal, also a progress bar.
     device: run on this device (converted is moved there and returned there; original is
@@ -113,6 +115,8 @@ def calibrate(
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
         plan = _check_arguments(converted, original, batches, ridge, alternate, sequential, refit_kept)
+        # Measured on small_cnn over three trainings: 0.2-0.7 points more at 0.25 of the MACs, for a pass per layer.
+        refit_kept = sequential if refit_kept is None else refit_kept
         if device is not None:
             device = parse_device(device)
             converted.to(device)
@@ -346,8 +350,8 @@ def _check_arguments(converted, original, batches, ridge, alternate, sequential,
         raise ConvsepValueError(f"alternate={alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)")
     if not isinstance(sequential, bool):
         raise ConvsepTypeError(f"sequential={sequential!r} must be True or False")
-    if not isinstance(refit_kept, bool):
-        raise ConvsepTypeError(f"refit_kept={refit_kept!r} must be True or False")
+    if refit_kept is not None and not isinstance(refit_kept, bool):
+        raise ConvsepTypeError(f"refit_kept={refit_kept!r} must be True, False or None (True in order)")
     if refit_kept and not sequential:
         raise ConvsepValueError(
             "refit_kept=True needs sequential=True: fitted at once, every layer sees the original model's inputs, "

@@ -263,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "again (default 0; 2 recovers more accuracy at aggressive budgets, at a higher cost on wide, long kernels)",
     )  # fmt: skip
     convert_parser.add_argument(
-        "--refit-kept", action="store_true",
-        help="also refit the linear layers and convs left as they were that run after a converted one (a classifier "
-        "head), on their inputs in the converted model",
+        "--refit-kept", action=argparse.BooleanOptionalAction, default=None,
+        help="refit the linear layers and convs left as they were that run after a converted one (a classifier "
+        "head, an --exclude'd conv) on their inputs in the converted model (the default when calibrating in order; "
+        "--no-refit-kept leaves them as they were)",
     )  # fmt: skip
     convert_parser.add_argument(
         "--init", choices=CONVERT_INITS, default="auto",

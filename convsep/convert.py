@@ -156,7 +156,7 @@ def convert(
     calibration_batches: Optional[int] = None,
     calibration_sequential: bool = True,
     calibration_alternate: int = 0,
-    calibration_refit_kept: bool = False,
+    calibration_refit_kept: Optional[bool] = None,
     parametrized: str = "fold",
     allocate_by: str = "auto",
     refit: bool = True,
@@ -205,8 +205,8 @@ def convert(
         then the pointwise weights again after the pointwise refit (default 0; 2 is worth it at
         aggressive budgets, see README; it costs more on layers with many channels and long kernels).
     calibration_refit_kept: calibrate's `refit_kept`: also refit the linear layers and convs left as
-        they were that run after a converted one (a classifier head), on their inputs in the
-        converted model (default False).
+        they were that run after a converted one (a classifier head, a layer `exclude`d), on their inputs
+        in the converted model (default None: True when calibrating in order; False leaves them as they were).
     parametrized: "fold" (default) converts convs whose weight is computed (weight_norm,
         spectral_norm, any torch.nn.utils.parametrize parametrization, old or new style) from
         the value their forward uses in eval mode; the pair holds plain weights, and the plan
@@ -246,8 +246,10 @@ def convert(
         raise ConvsepValueError(
             f"calibration_alternate={calibration_alternate!r} must be an int >= 0 (rounds of depthwise + pointwise refits)"
         )
-    if not isinstance(calibration_refit_kept, bool):
-        raise ConvsepTypeError(f"calibration_refit_kept={calibration_refit_kept!r} must be True or False")
+    if calibration_refit_kept is not None and not isinstance(calibration_refit_kept, bool):
+        raise ConvsepTypeError(
+            f"calibration_refit_kept={calibration_refit_kept!r} must be True, False or None (True in order)"
+        )
     for name, value in (("calibration_alternate", calibration_alternate), ("calibration_refit_kept", calibration_refit_kept)):
         if value and (calibration_data is None or not refit):
             raise ConvsepValueError(f"{name}={value} needs calibration_data and refit=True: it shapes the refit")

@@ -237,6 +237,11 @@ def calibration_batches() -> list[torch.Tensor]:
     return [x[: 2 + i % 3] for i, (x, _) in enumerate(batches(5))]
 
 
+def more_calibration_batches() -> list[torch.Tensor]:
+    """Enough sampled patches for the joint fit of the grouped conv (4 per column of its 36-wide moments)."""
+    return [x for x, _ in batches(7, size=8)]
+
+
 def training_batches() -> list:
     return batches(6)
 

@@ -103,11 +103,21 @@ def test_after_an_exact_conversion_the_kept_layers_stay_as_they_were():
     torch.testing.assert_close(calibrated[4].weight, model[4].weight, atol=1e-5, rtol=1e-5)
 
 
-def test_without_refit_kept_nothing_but_the_pairs_changes():
+@pytest.mark.parametrize("options", [dict(refit_kept=False), dict(sequential=False)])
+def test_without_refit_kept_nothing_but_the_pairs_changes(options):
     model, data = head_after_conv(), images()
-    calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, data)
+    calibrated = convsep.calibrate(convsep.convert(model, rank=1), model, data, **options)
     assert "kept" not in calibrated.convsep_plan.calibration
     assert torch.equal(calibrated[4].weight, model[4].weight) and torch.equal(calibrated[4].bias, model[4].bias)
+
+
+def test_in_order_the_kept_layers_are_refitted_by_default():
+    model, data = head_after_conv(), images()
+    default = convsep.calibrate(convsep.convert(model, rank=1), model, data)
+    asked = convsep.calibrate(convsep.convert(model, rank=1), model, data, refit_kept=True)
+    assert default.convsep_plan.calibration["kept"] == asked.convsep_plan.calibration["kept"]
+    assert default.convsep_plan.calibration["kept"]["4"]["refitted"] is True
+    assert torch.equal(default[4].weight, asked[4].weight) and not torch.equal(default[4].weight, model[4].weight)
 
 
 def test_a_kept_layer_that_runs_before_every_pair_is_left_alone():
@@ -202,12 +212,12 @@ def test_refit_kept_needs_the_ordered_fit():
     )
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_refit_kept_must_be_a_bool(value):
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_refit_kept_must_be_a_bool_or_none(value):
     model = head_after_conv()
     with pytest.raises(convsep.ConvsepTypeError) as info:
         convsep.calibrate(convsep.convert(model, rank=1), model, images(), refit_kept=value)
-    assert str(info.value) == f"refit_kept={value!r} must be True or False"
+    assert str(info.value) == f"refit_kept={value!r} must be True, False or None (True in order)"
 
 
 def test_convert_refits_the_kept_layers_when_asked():

@@ -52,6 +52,7 @@ def _converted(monkeypatch, budget):
 def _calibrate(monkeypatch, budget, **kwargs):
     model, converted = _converted(monkeypatch, budget)
     forwards = _original_forwards(model)
+    kwargs.setdefault("refit_kept", False)  # the pairs only, unless a test asks for the kept head too
     calibrated = convsep.calibrate(converted, model, _data(), **kwargs)
     return calibrated, len(forwards)
 
@@ -168,7 +169,7 @@ def test_the_original_runs_only_as_far_as_the_layers_being_fitted(monkeypatch, b
     model, converted = _converted(monkeypatch, budget)
     heads = []
     model.head.register_forward_pre_hook(lambda *_: heads.append(1))
-    convsep.calibrate(converted, model, _data())
+    convsep.calibrate(converted, model, _data(), refit_kept=False)  # (refitting the head needs its outputs)
     assert heads == []  # the head runs after the last pair: no forward of the original gets there
 
 
@@ -188,7 +189,7 @@ def test_data_that_changes_between_passes_is_said_once_and_streamed_from_then_on
     converted = convsep.convert(model, rank=1)
     forwards = _original_forwards(model)
     with caplog.at_level("INFO", logger="convsep.model_runs"):
-        convsep.calibrate(converted, model, Alternating(_data()))
+        convsep.calibrate(converted, model, Alternating(_data()), refit_kept=False)
     said = [r.getMessage() for r in caplog.records if r.name == "convsep.model_runs"]
     assert len(said) == 1 and said[0] == (
         "calibration batch 1 (calibrating 'stem'): the data gave other batches than on the pass before (shuffled?): "
