@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .activations import InputMoments
 from .layers import _SeparableConvNd
-from .least_squares import MAX_DEPTHWISE_UNKNOWNS, LayerStats, depthwise_unknowns, fit
+from .least_squares import MAX_DEPTHWISE_UNKNOWNS, LayerStats, alternate_round, depthwise_unknowns, fit
 
 # Rounds of (depthwise, pointwise) refits on the moments. Alternating least squares creeps: on small_cnn 32 rounds
 # recovered up to 0.4 points more than 8 after calibration (a one-off run of calibrate(sequential=False, alternate=)),
@@ -40,6 +40,7 @@ from .least_squares import MAX_DEPTHWISE_UNKNOWNS, LayerStats, depthwise_unknown
 # 128 of them: 90 forwards of the original for 32 rounds).
 JOINT_ROUNDS = 32
 JOINT_TOLERANCE = 1e-3
+EXACT = 1e-6  # a relative output error below this is rounding (a pair at full rank): no round can gain anything
 SAMPLES_PER_COLUMN = 4  # the fewest sampled patches per column of a group's moments that the fit trusts (as kept.py)
 JOINT_RIDGE = 1e-3  # calibrate's default: the pull towards the current weights, relative to each system's diagonal
 
@@ -47,7 +48,7 @@ JOINT_RIDGE = 1e-3  # calibrate's default: the pull towards the current weights,
 def moment_stats(pair: _SeparableConvNd, weight: Tensor, bias: Optional[Tensor], moments: InputMoments) -> LayerStats:
     """The sums calibration's least squares reads (with patches), for the outputs y = W x + b of the conv whose
     input `moments` these are: taken from them, not from a pass over the data."""
-    stats = LayerStats(pair, patches=True, on_original_inputs=True)
+    stats = LayerStats(pair, patches=True)
     moments.flush()  # rows not yet summed (a layer that saw few positions) are summed now
     second, first = moments.sums()
     g = pair.groups
@@ -104,7 +105,7 @@ def fit_jointly(pair: _SeparableConvNd, weight: Tensor, bias: Optional[Tensor], 
     before, after = fit(pair, stats, ridge, 0, name)  # the pointwise weights for the SVD's filters
     for done in range(rounds):
         previous = after
-        _, after = fit(pair, stats, ridge, 1, name)  # (its pointwise refit is already at the optimum: a no-op)
-        if not 0 < previous < math.inf or previous - after < JOINT_TOLERANCE * previous:  # exact, or nothing to fit
+        after = alternate_round(pair, stats, ridge)
+        if not EXACT < previous < math.inf or previous - after < JOINT_TOLERANCE * previous:  # exact, or nothing to fit
             return before, after, done + 1
     return before, after, rounds

@@ -256,6 +256,12 @@ def _refit_depthwise(pair: _SeparableConvNd, stats: LayerStats, ridge: float) ->
         pair.depthwise.weight.copy_(solution.reshape(pair.depthwise.weight.shape))
 
 
+def alternate_round(pair: _SeparableConvNd, stats: LayerStats, ridge: float) -> float:
+    """One round of alternation: the depthwise filters, then the pointwise weights; the relative error after."""
+    _refit_depthwise(pair, stats, ridge)
+    return _refit_pointwise(pair, stats, ridge)[1]
+
+
 def depthwise_unknowns(pair: _SeparableConvNd) -> int:
     """The unknowns per group of a pair's depthwise refit: its filters' weights."""
     return pair.in_channels // pair.groups * pair.rank * math.prod(pair.kernel_size)
@@ -283,6 +289,5 @@ def fit(pair: _SeparableConvNd, stats: LayerStats, ridge: float, alternate: int,
         )
         return before, after
     for _ in range(alternate):
-        _refit_depthwise(pair, stats, ridge)
-        _, after = _refit_pointwise(pair, stats, ridge)
+        after = alternate_round(pair, stats, ridge)
     return before, after

@@ -9,7 +9,7 @@ from helpers import relative_error
 from torch import nn
 
 import convsep
-from convsep import joint_fit
+from convsep import joint_fit, least_squares
 from convsep.activations import input_moments
 from convsep.errors import ConvsepValueError
 from convsep.joint_fit import fit_jointly, moment_stats, why_not_joint
@@ -90,10 +90,13 @@ def test_layers_it_cannot_fit_say_why():
     moments.count = 288
     assert why_not_joint(pair, moments) is None
     moments.block = 4  # as if the group's moments had been too large to keep whole
-    assert "blocks of 4 channels, not whole groups of 8" in why_not_joint(pair, moments)
+    assert why_not_joint(pair, moments) == "its input moments were taken in blocks of 4 channels, not whole groups of 8"
     wide = convsep.SeparableConv2d.from_conv(nn.Conv2d(512, 8, 3), rank=1)  # 4,608 filter weights
     moments.block, moments.count = 512, 10**6
     assert "4608 unknowns per group (more than 4096)" in why_not_joint(wide, moments)
+    at_the_cap = convsep.SeparableConv1d.from_conv(nn.Conv1d(64, 8, 64), rank=1)  # 64 x 64 = 4,096: allowed
+    moments.block = 64
+    assert why_not_joint(at_the_cap, moments) is None
 
 
 def model_and_data():
@@ -175,9 +178,34 @@ def test_the_rounds_stop_once_a_round_no_longer_lowers_the_error_by_the_toleranc
     _, further, every = fit_jointly(exhaustive, conv.weight, conv.bias, moments, "0", 1e-3, rounds=ran + 20)
     assert 1 < ran < every == ran + 20
     assert further < stopped_at  # later rounds still gain, but less than the tolerance each
-    assert stopped_at - further < 20 * 1e-3 * stopped_at
+    # Round by round: each until the last gained at least 0.1% of the error before it; the last gained less.
+    errors = [fit_jointly(copy.deepcopy(svd_pair), conv.weight, conv.bias, moments, "0", 1e-3, rounds=k)[1]
+              for k in range(ran + 1)]  # fmt: skip
+    assert errors[-1] == stopped_at
+    gains = [(errors[k - 1] - errors[k]) / errors[k - 1] for k in range(1, ran + 1)]
+    assert all(gain >= 1e-3 for gain in gains[:-1]) and gains[-1] < 1e-3
     _, _, capped = fit_jointly(copy.deepcopy(svd_pair), conv.weight, conv.bias, moments, "0", 1e-3, rounds=1)
     assert capped == 1
+
+
+def test_each_round_is_one_round_of_calibrations_alternation(monkeypatch):
+    conv, data = conv_and_data(nn.Conv2d(4, 40, 3, padding=1), (4, 6, 6))
+    moments = moments_of(conv, data)
+    pair = convsep.SeparableConv2d.from_conv(conv, rank=1)
+    reference = copy.deepcopy(pair)
+    monkeypatch.setattr(joint_fit, "JOINT_TOLERANCE", -1.0)
+    fit_jointly(pair, conv.weight, conv.bias, moments, "0", 1e-3, rounds=3)
+    least_squares.fit(reference, moment_stats(reference, conv.weight, conv.bias, moments), 1e-3, 3, "0")
+    for name, value in reference.state_dict().items():
+        assert torch.equal(pair.state_dict()[name], value), name
+
+
+def test_moments_that_are_not_finite_are_refused_naming_the_layer():
+    conv, data = conv_and_data(nn.Conv2d(4, 40, 3, padding=1), (4, 6, 6))
+    data[1][0, 0, 0, 0] = float("nan")
+    pair = convsep.SeparableConv2d.from_conv(conv, rank=1)
+    with pytest.raises(ConvsepValueError, match="^calibrating 'layer3': its inputs or the original layer's outputs"):
+        fit_jointly(pair, conv.weight, conv.bias, moments_of(conv, data), "layer3", 1e-3)
 
 
 def test_rounds_cost_no_more_than_the_conv_over_the_data():
@@ -186,6 +214,10 @@ def test_rounds_cost_no_more_than_the_conv_over_the_data():
     assert joint_fit.rounds_affordable(pair, 5 * per_round) == 5
     assert joint_fit.rounds_affordable(pair, 5 * per_round - 1) == 4
     assert joint_fit.rounds_affordable(pair, 1e18) == joint_fit.JOINT_ROUNDS
+    grouped = convsep.SeparableConv2d.from_conv(nn.Conv2d(8, 12, 3, groups=2), rank=2)  # per group: 72 unknowns, 9
+    per_round = 2 * (72**3 / 3 + 2 * 72**2 + 9**3 / 3 + 9**2 * 12)
+    assert joint_fit.rounds_affordable(grouped, 3 * per_round) == 3
+    assert joint_fit.rounds_affordable(grouped, 3 * per_round - 1) == 2
 
 
 def test_on_little_data_only_the_pointwise_weights_are_fitted_and_the_plan_says_why():
