@@ -560,6 +560,14 @@ def test_convert_refit_kept_reaches_calibrate(work, capsys):
     assert set(kept) == {"8"} and kept["8"]["refitted"] is False  # 12 images for the 9 weights of each output
 
 
+@pytest.mark.parametrize("flag, refitted", [([], True), (["--no-refit-kept"], False)])
+def test_convert_refits_kept_layers_by_default_and_no_refit_kept_leaves_them(work, capsys, flag, refitted):
+    (work / "calib.py").write_text(CALIBRATION_DATA)
+    code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", *flag), capsys)
+    assert code == 0, err
+    assert ("kept" in convsep.load(work / "out.pt").plan.calibration) is refitted
+
+
 def test_convert_calibration_alternate_reaches_calibrate(work, capsys):
     (work / "calib.py").write_text(CALIBRATION_DATA)
     code, _, err = run(_convert(work, "--calibrate-with", f"{work / 'calib.py'}:batches", "--calibration-alternate", "2"), capsys)
