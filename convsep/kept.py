@@ -9,7 +9,8 @@ channel's receptive field, channel-major then tap, the order of the conv's weigh
 least squares refits it (least_squares.py).
 
 Only layers whose weight is a plain parameter that no other layer shares are refitted: a computed
-weight (weight norm, any parametrization) or a tied one is not calibration's to overwrite.
+weight (weight norm, any parametrization) or a tied one is not calibration's to overwrite, and neither
+is a layer the converted model shares with the original (the user's model must not change).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class KeptLayer:
 def kept_layers(converted: nn.Module, original: nn.Module) -> Iterator[tuple[str, KeptLayer, nn.Module]]:
     """(name, layer in converted, the same layer in original) for every layer calibration may refit."""
     uses = Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
+    originals = {id(p) for p in original.parameters()}
     for name, module in converted.named_modules():
         if type(module) not in REFITTABLE:
             continue
@@ -65,7 +67,7 @@ def kept_layers(converted: nn.Module, original: nn.Module) -> Iterator[tuple[str
         # A parametrized layer (weight_norm, ...) has another class; the old weight_norm recomputes the weight
         # before each call from parameters of other names: the weight is computed, not calibration's to overwrite.
         if not isinstance(module.weight, nn.Parameter) or any(
-            uses[id(p)] > 1 for p in module.parameters(recurse=False)
+            uses[id(p)] > 1 or id(p) in originals for p in module.parameters(recurse=False)
         ):
-            continue  # or tied to another layer's
+            continue  # or tied to another layer's, or the original model's own (refitting it would change the original)
         yield name, KeptLayer(module), source

@@ -296,3 +296,17 @@ def test_a_kept_layer_called_with_its_input_by_keyword_is_refitted_as_one_called
     assert fitted[True].convsep_plan.calibration["kept"]["head"]["refitted"] is True
     for key, value in fitted[False].state_dict().items():
         torch.testing.assert_close(fitted[True].state_dict()[key], value)
+
+
+def test_a_kept_layer_shared_with_the_original_model_is_left_as_it_is():
+    """Refitting it would change the user's original model (kept layers are refitted by default)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model.eval()
+    converted = convsep.convert(model, rank=1)
+    converted[4] = model[4]  # the same head in both
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    calibrated = convsep.calibrate(converted, model, images(64, 8))
+    assert calibrated.convsep_plan.calibration["kept"] == {}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
