@@ -115,7 +115,8 @@ def calibrate(
     """
     with distributed.together():  # a bad argument on one process ends them all, not only that one
         plan = _check_arguments(converted, original, batches, ridge, alternate, sequential, refit_kept)
-        # Measured on small_cnn over three trainings: 0.2-0.7 points more at 0.25 of the MACs, for a pass per layer.
+        # On small_cnn over three trainings: 0.19-0.28 points more at 0.25 of the MACs and 0.71-1.29 at 0.15
+        # (benchmarks/results/rank_policies_seeds*.md), for a pass per kept layer.
         refit_kept = sequential if refit_kept is None else refit_kept
         if device is not None:
             device = parse_device(device)

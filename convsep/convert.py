@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from . import distributed
-from .activations import InputMoments, sampling_step
+from .activations import InputMoments
 from .aware import gather, resolve_choices
 from .batches import rereadable
 from .budget import allocate, cheapest_cost, options_from_errors, spectrum_errors
@@ -27,7 +27,6 @@ from .calibrate import calibrate
 from .count import (
     break_even_rank,
     conv_macs,
-    conv_macs_per_position,
     conv_params,
     kernel_elements,
     largest_saving_rank,
@@ -39,7 +38,7 @@ from .count import (
 from .eager import require_eager
 from .errors import ConvsepTypeError, ConvsepValueError
 from .factorize import ChannelSVD, channel_svd, discarded_energy_fraction, full_rank, truncation_error
-from .joint_fit import JOINT_RIDGE, JOINT_ROUNDS, fit_jointly, rounds_affordable, why_not_joint
+from .joint_fit import fit_layer
 from .layers import SEPARABLE_FOR_DIMS, conv_layers
 from .parametrized import PARAMETRIZED, deepcopy_model, folded_conv, parametrization
 from .plan import ConversionPlan, LayerDecision, attach_plan, plan_of
@@ -106,22 +105,12 @@ class Candidate:
     def fit_on_moments(self) -> None:
         """init="joint": fit the built pair on the conv's input moments (joint_fit.py), then let the moments go."""
         moments, self.moments = self.moments, None
-        reason = why_not_joint(self.pair, moments)
-        if reason is not None:
-            self._not_fitted(reason)
+        after, what = fit_layer(self.pair, self.conv, self.kernel, moments, self.decision.name, self.refit_follows)
+        if after is None:
+            self._not_fitted(what)
             return
-        c = self.conv
-        seen = moments.count * sampling_step(c, moments.block)  # about every output position of the data
-        macs = seen * conv_macs_per_position(c.out_channels, c.in_channels, kernel_elements(c.kernel_size), c.groups)
-        affordable = rounds_affordable(self.pair, macs)
-        if affordable == 0 and self.refit_follows:  # it would only solve the pointwise weights, as calibration will
-            self._not_fitted("one round would cost more than the conv over the data")
-            return
-        _, after, rounds = fit_jointly(self.pair, self.kernel.weight, self.kernel.bias, moments, self.decision.name,
-                                       JOINT_RIDGE, affordable)  # fmt: skip
-        capped = "" if rounds < affordable or affordable == JOINT_ROUNDS else "; more would cost more than the conv over the data"
         decision = self.decision
-        decision.joint_fit = f"fitted on the input moments ({rounds} rounds{capped})"
+        decision.joint_fit = what
         decision.whitening, decision.predicted_output_error = "", None  # the whitened factors, if any, went unused
         # What calibration's refit of the pointwise weights leaves on the original model's inputs, with these filters.
         decision.predicted_refit_error = after

@@ -27,17 +27,19 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.modules.conv import _ConvNd
 
-from .activations import InputMoments
+from .activations import InputMoments, sampling_step
+from .count import conv_macs_per_position, kernel_elements
 from .layers import _SeparableConvNd
 from .least_squares import MAX_DEPTHWISE_UNKNOWNS, LayerStats, alternate_round, depthwise_unknowns, fit
 
 # Rounds of (depthwise, pointwise) refits on the moments. Alternating least squares creeps: on small_cnn 32 rounds
-# recovered up to 0.4 points more than 8 after calibration (a one-off run of calibrate(sequential=False, alternate=)),
-# so it runs until a round lowers the relative output error by less than JOINT_TOLERANCE, at most JOINT_ROUNDS, and
-# no more rounds than cost about the conv itself over the data (rounds_affordable): a round's solve is the same
-# whatever the data, so on a few small images a 3,456-unknown system costs many forwards (ResNet-18 on 64x64 images,
-# 128 of them: 90 forwards of the original for 32 rounds).
+# recovered 0.13-0.28 points more than 8 after calibration (a one-off run of calibrate(sequential=False, alternate=)
+# on three trainings), so it runs until a round lowers the relative output error by less than JOINT_TOLERANCE, at
+# most JOINT_ROUNDS, and no more rounds than cost about the conv itself over the data (rounds_affordable): a round's
+# solve is the same whatever the data, so on a few small images a 3,456-unknown system costs many forwards (ResNet-18
+# on 128 images of 64x64, in a one-off timing: 90 forwards of the original for 32 rounds).
 JOINT_ROUNDS = 32
 JOINT_TOLERANCE = 1e-3
 EXACT = 1e-6  # a relative output error below this is rounding (a pair at full rank): no round can gain anything
@@ -95,6 +97,24 @@ def rounds_affordable(pair: _SeparableConvNd, conv_macs: float) -> int:
     unknowns, pointwise = depthwise_unknowns(pair), pair.in_channels // pair.groups * pair.rank + 1
     per_round = pair.groups * (unknowns**3 / 3 + 2 * unknowns**2 + pointwise**3 / 3 + pointwise**2 * pair.out_channels)
     return min(JOINT_ROUNDS, int(conv_macs // per_round))
+
+
+def fit_layer(pair: _SeparableConvNd, conv: _ConvNd, kernel: _ConvNd, moments: InputMoments, name: str,
+              refit_follows: bool) -> tuple[Optional[float], str]:  # fmt: skip
+    """Fit the pair built for `conv` (whose weight and bias `kernel` holds) on its input moments, as many rounds as
+    pay: (relative output error after, what was done), or (None, why it was not fitted: the pair is unchanged).
+    With calibration to follow (`refit_follows`), a layer that affords no round is left to it."""
+    reason = why_not_joint(pair, moments)
+    if reason is not None:
+        return None, reason
+    seen = moments.count * sampling_step(conv, moments.block)  # about every output position of the data
+    k = kernel_elements(conv.kernel_size)
+    affordable = rounds_affordable(pair, seen * conv_macs_per_position(conv.out_channels, conv.in_channels, k, conv.groups))
+    if affordable == 0 and refit_follows:  # it would only solve the pointwise weights, as calibration will
+        return None, "one round would cost more than the conv over the data"
+    _, after, rounds = fit_jointly(pair, kernel.weight, kernel.bias, moments, name, JOINT_RIDGE, affordable)
+    capped = "" if rounds < affordable or affordable == JOINT_ROUNDS else "; more would cost more than the conv over the data"
+    return after, f"fitted on the input moments ({rounds} rounds{capped})"
 
 
 def fit_jointly(pair: _SeparableConvNd, weight: Tensor, bias: Optional[Tensor], moments: InputMoments, name: str,
